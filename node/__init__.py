@@ -1,0 +1,1 @@
+"""The Pigeon node service."""

@@ -1,0 +1,3 @@
+"""Pigeon shared runtime."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs. DO NOT EDIT: run `make gen`."""
