@@ -1,0 +1,50 @@
+# One command per task; CI (.ci/run) calls the same ones.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF := tools/node_modules/.bin/buf
+PY_SOURCES := pigeon gate node dispatcher tests scripts
+
+.PHONY: help setup run test check gen lint-protos clean
+
+help:
+	@echo "make run     start a local cluster (etcd, dispatcher, gate, two nodes) on SQLite"
+	@echo "make test    run the checks and the whole test suite"
+	@echo "make check   ruff format, ruff check, mypy --strict, buf lint, stub drift"
+	@echo "make gen     regenerate pigeon/v1 from protos/"
+
+# The virtual environment and the pinned dependencies, re-made when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(BUF): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+setup: $(STAMP) $(BUF)
+
+run: $(STAMP)
+	$(BIN)/pigeon up
+
+gen: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+lint-protos: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+check: $(STAMP) lint-protos
+	$(BIN)/ruff format --check $(PY_SOURCES)
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/mypy pigeon gate node dispatcher
+	$(BIN)/python scripts/gen_protos.py --check
+
+test: check
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) tools/node_modules .mypy_cache .ruff_cache .pytest_cache
