@@ -1,0 +1,5 @@
+import sys
+
+from dispatcher.app import main
+
+sys.exit(main())

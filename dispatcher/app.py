@@ -1,0 +1,73 @@
+"""The dispatcher process: wiring of config, servers and membership."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+
+from pigeon import __version__
+from pigeon.auth import ClusterSecret
+from pigeon.config import DispatcherConfig, load_config
+from pigeon.membership import dispatcher_key, encode, now_timestamp
+from pigeon.registry import Registration
+from pigeon.runtime import configure_logging, run
+from pigeon.server import Principal, Service
+from pigeon.service import listen, wait_for_stop
+from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("pigeon.dispatcher")
+
+DISPATCHER = dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name
+
+
+class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
+    """The relay's RPCs; routing is built on this skeleton."""
+
+
+async def serve(config: DispatcherConfig) -> int:
+    """Run a dispatcher until SIGINT or SIGTERM."""
+    dispatcher_id = config.dispatcher_id or f"dispatcher-{secrets.token_hex(4)}"
+    cluster = ClusterSecret(config.cluster_secret)
+
+    def peer(token: str | None) -> Principal:
+        cluster.check(token)
+        return Principal("cluster", "")
+
+    servicer = DispatcherServicer()
+    services = [
+        Service(
+            DISPATCHER, lambda s: dispatcher_pb2_grpc.add_DispatcherServicer_to_server(servicer, s)
+        )
+    ]
+    async with listen(config, services, {f"/{DISPATCHER}/": peer}) as listeners:
+        info = types_pb2.DispatcherInfo(
+            dispatcher_id=dispatcher_id,
+            address=listeners.address,
+            version=__version__,
+            started_at=now_timestamp(),
+            routing_mode=config.routing_mode,
+        )
+        async with Registration(
+            config.etcd_endpoints,
+            dispatcher_key(config.etcd_prefix, dispatcher_id),
+            encode(info),
+            ttl=config.lease_ttl,
+            timeout=config.etcd_timeout,
+        ):
+            log.info("dispatcher %s serving gRPC on %s", dispatcher_id, listeners.address)
+            await wait_for_stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dispatcher`."""
+    config = load_config(DispatcherConfig, argv, prog="python -m dispatcher")
+    configure_logging(config.log_level, config.log_format)
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

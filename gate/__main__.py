@@ -1,0 +1,5 @@
+import sys
+
+from gate.app import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""The Gate process: wiring of config, etcd view, servers and servicer."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import grpc.aio
+
+from gate.servicer import GateServicer
+from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
+from pigeon.config import GateConfig, load_config
+from pigeon.membership import ClusterView
+from pigeon.runtime import configure_logging, run
+from pigeon.server import PUBLIC, Principal, Service
+from pigeon.service import listen, wait_for_stop
+from pigeon.v1 import gate_pb2, gate_pb2_grpc
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("pigeon.gate")
+
+GATE = gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name
+
+
+class _Channels:
+    """One channel per node address, reused across calls."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+
+async def serve(config: GateConfig) -> int:
+    """Run the Gate until SIGINT or SIGTERM."""
+    api_keys = ApiKeys(config.api_keys)
+
+    def system(token: str | None) -> Principal:
+        return Principal("system", api_keys.check(token))
+
+    user_tokens = UserTokenVerifier.from_config(config)
+    channels = _Channels()
+    async with ClusterView(
+        config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
+    ) as view:
+        servicer = GateServicer(
+            nodes=lambda: list(view.nodes.values()),
+            dispatchers=lambda: list(view.dispatchers.values()),
+            user_tokens=user_tokens,
+            sessions=SessionTokens(config.cluster_secret, ttl=config.session_ttl),
+            node_channel=channels.get,
+            heartbeat_interval=config.heartbeat_interval,
+            epsilon=config.placement_epsilon,
+            fallbacks=config.fallback_nodes,
+            session_ttl=config.session_ttl,
+        )
+        services = [Service(GATE, lambda s: gate_pb2_grpc.add_GateServicer_to_server(servicer, s))]
+        auth = {f"/{GATE}/Connect": PUBLIC, f"/{GATE}/": system}
+        try:
+            async with listen(config, services, auth) as listeners:
+                log.info(
+                    "gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address
+                )
+                await wait_for_stop()
+        finally:
+            await channels.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gate`."""
+    config = load_config(GateConfig, argv, prog="python -m gate")
+    configure_logging(config.log_level, config.log_format)
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The Gate's gRPC servicer: Connect, Publish, ListNodes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter, Gauge
+
+from gate.placement import rank_nodes
+from pigeon.auth import SessionTokens, UserTokenVerifier, bearer_token
+from pigeon.errors import PigeonError, Unavailable, from_rpc_error
+from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+
+__all__ = ["GateServicer"]
+
+log = logging.getLogger("pigeon.gate")
+
+CONNECTS = Counter("pigeon_gate_connects", "Gate.Connect calls by result", ["result"])
+PLACEMENTS = Counter("pigeon_gate_placements", "Users placed, by node", ["node_id"])
+PUBLISHES = Counter("pigeon_gate_publishes", "Gate.Publish calls by result", ["result"])
+VIEW_SIZE = Gauge("pigeon_gate_view_nodes", "Serving nodes in the Gate's view")
+
+# Reconnect backoff hints for clients (full jitter between 0 and the current delay).
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+class GateServicer(gate_pb2_grpc.GateServicer):
+    """Places users on nodes and forwards system messages to them.
+
+    Args:
+        nodes: returns the live nodes (from the etcd watch) at the time of the call.
+        dispatchers: returns the live dispatchers.
+        user_tokens: verifies the users' app-issued JWTs.
+        sessions: issues the session tokens that nodes verify.
+        node_channel: returns a (cached) channel to a node address.
+        heartbeat_interval: announced to clients, in seconds.
+        epsilon: the placement load bound.
+        fallbacks: how many fallback nodes a Connect answer lists.
+    """
+
+    def __init__(
+        self,
+        *,
+        nodes: Callable[[], Sequence[types_pb2.NodeInfo]],
+        dispatchers: Callable[[], Sequence[types_pb2.DispatcherInfo]],
+        user_tokens: UserTokenVerifier,
+        sessions: SessionTokens,
+        node_channel: Callable[[str], grpc.aio.Channel],
+        heartbeat_interval: float,
+        epsilon: float,
+        fallbacks: int,
+        session_ttl: float,
+    ) -> None:
+        self._nodes = nodes
+        self._dispatchers = dispatchers
+        self._user_tokens = user_tokens
+        self._sessions = sessions
+        self._node_channel = node_channel
+        self._heartbeat = heartbeat_interval
+        self._epsilon = epsilon
+        self._fallbacks = fallbacks
+        self._session_ttl = session_ttl
+
+    def _ranked(self, user_id: str) -> list[types_pb2.NodeInfo]:
+        nodes = self._nodes()
+        ranked = rank_nodes(user_id, nodes, epsilon=self._epsilon)
+        VIEW_SIZE.set(len(ranked))
+        if not ranked:
+            raise Unavailable(
+                "no healthy node: none is registered in etcd, or all are draining",
+                reason="NO_HEALTHY_NODE",
+            )
+        return ranked
+
+    async def Connect(
+        self, request: gate_pb2.ConnectRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gate_pb2.ConnectResponse:
+        token = request.token or bearer_token(context.invocation_metadata())
+        try:
+            claims = self._user_tokens.verify(token)
+            ranked = self._ranked(claims.user_id)
+        except PigeonError as exc:
+            CONNECTS.labels(exc.reason.lower()).inc()
+            raise
+        chosen = ranked[0]
+        expires = Timestamp()
+        expires.FromNanoseconds(int((time.time() + self._session_ttl) * 1e9))
+        CONNECTS.labels("ok").inc()
+        PLACEMENTS.labels(chosen.node_id).inc()
+        return gate_pb2.ConnectResponse(
+            node_id=chosen.node_id,
+            node_address=chosen.address,
+            node_http_address=chosen.http_address,
+            session_token=self._sessions.issue(claims.user_id, chosen.node_id),
+            session_expires_at=expires,
+            fallbacks=[
+                gate_pb2.NodeAddress(
+                    node_id=n.node_id, address=n.address, http_address=n.http_address
+                )
+                for n in ranked[1 : 1 + self._fallbacks]
+            ],
+            heartbeat_interval=_duration(self._heartbeat),
+            backoff=gate_pb2.Backoff(
+                initial=_duration(BACKOFF_INITIAL_S), max=_duration(BACKOFF_MAX_S), multiplier=2.0
+            ),
+            user_id=claims.user_id,
+        )
+
+    async def Publish(
+        self, request: gate_pb2.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gate_pb2.PublishResponse:
+        # The owner of the first recipient stores it, so that user's streams get it locally.
+        ranked = self._ranked(_first_recipient(request))
+        forwarded = node_pb2.NodePublishRequest.FromString(request.SerializeToString())
+        metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "authorization"]
+        last: PigeonError | None = None
+        for node in ranked:
+            stub = node_pb2_grpc.NodeStub(self._node_channel(node.address))
+            try:
+                reply = await stub.Publish(forwarded, metadata=metadata, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                last = from_rpc_error(exc)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    PUBLISHES.labels(exc.code().name.lower()).inc()
+                    raise last from exc
+                log.warning("publish: node %s unavailable, trying the next", node.node_id)
+                continue
+            PUBLISHES.labels("ok").inc()
+            return gate_pb2.PublishResponse.FromString(reply.SerializeToString())
+        PUBLISHES.labels("unavailable").inc()
+        raise Unavailable(f"every node refused the publish; last error: {last}")
+
+    async def ListNodes(
+        self, request: gate_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> gate_pb2.ListNodesResponse:
+        now = time.time_ns()
+        reply = gate_pb2.ListNodesResponse()
+        for node in sorted(self._nodes(), key=lambda n: n.node_id):
+            entry = reply.nodes.add()
+            entry.CopyFrom(node)
+            entry.uptime.FromNanoseconds(max(0, now - node.started_at.ToNanoseconds()))
+        for dispatcher in sorted(self._dispatchers(), key=lambda d: d.dispatcher_id):
+            entry_d = reply.dispatchers.add()
+            entry_d.CopyFrom(dispatcher)
+            entry_d.uptime.FromNanoseconds(max(0, now - dispatcher.started_at.ToNanoseconds()))
+        return reply
+
+
+def _first_recipient(request: gate_pb2.PublishRequest) -> str:
+    if request.to:
+        return request.to[0]
+    for publication in request.batch:
+        if publication.to:
+            return publication.to[0]
+    return ""  # a broadcast: any node will do
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value

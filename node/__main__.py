@@ -1,0 +1,5 @@
+import sys
+
+from node.app import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""The node process: wiring of config, store, servers, membership and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import sys
+import time
+
+from pigeon import __version__
+from pigeon.auth import ApiKeys, SessionTokens
+from pigeon.config import NodeConfig, load_config
+from pigeon.membership import encode, node_key, now_timestamp
+from pigeon.registry import Registration
+from pigeon.runtime import configure_logging, run
+from pigeon.server import Principal, Service
+from pigeon.service import listen, wait_for_stop
+from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("pigeon.node")
+
+NODE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    """The node's RPCs; the inbox and the stream are built on this skeleton."""
+
+
+async def _report_load(
+    registration: Registration, info: types_pb2.NodeInfo, interval: float
+) -> None:
+    """Keep the connection count in etcd current, so Gates can balance."""
+    while True:
+        await asyncio.sleep(interval)
+        await registration.update(encode(info))
+
+
+async def serve(config: NodeConfig) -> int:
+    """Run a node until SIGINT or SIGTERM, then drain."""
+    node_id = config.node_id or f"node-{secrets.token_hex(4)}"
+    api_keys = ApiKeys(config.api_keys)
+    sessions = SessionTokens(config.cluster_secret)
+
+    def user(token: str | None) -> Principal:
+        return Principal("user", sessions.verify(token).user_id)
+
+    def system(token: str | None) -> Principal:
+        return Principal("system", api_keys.check(token))
+
+    servicer = NodeServicer()
+    services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
+    auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
+    async with listen(config, services, auth) as listeners:
+        info = types_pb2.NodeInfo(
+            node_id=node_id,
+            address=listeners.address,
+            http_address=listeners.http_address,
+            version=__version__,
+            started_at=now_timestamp(),
+            state=types_pb2.NODE_STATE_SERVING,
+        )
+        async with Registration(
+            config.etcd_endpoints,
+            node_key(config.etcd_prefix, node_id),
+            encode(info),
+            ttl=config.lease_ttl,
+            timeout=config.etcd_timeout,
+        ) as registration:
+            reporter = asyncio.create_task(
+                _report_load(registration, info, config.load_report_interval)
+            )
+            log.info(
+                "node %s serving gRPC on %s, HTTP on %s",
+                node_id,
+                listeners.address,
+                listeners.http_address,
+            )
+            try:
+                await wait_for_stop()
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            # Drain: leave the Gates' view first so no new user lands here while streams move.
+            started = time.monotonic()
+            await registration.withdraw()
+            await listeners.grpc.set_serving(False)
+            log.info("node %s drained in %.2f s", node_id, time.monotonic() - started)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m node`."""
+    config = load_config(NodeConfig, argv, prog="python -m node")
+    configure_logging(config.log_level, config.log_format)
+    return run(lambda: serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

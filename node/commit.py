@@ -1,0 +1,126 @@
+"""Group commit: concurrent writes share one store transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Generic, TypeVar
+
+from prometheus_client import Histogram
+
+__all__ = ["GroupCommit"]
+
+log = logging.getLogger("pigeon.node.commit")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BATCH_SIZE = Histogram(
+    "pigeon_node_commit_batch_size",
+    "Messages written per store transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+
+
+class GroupCommit(Generic[T, R]):
+    """Collects the items of concurrent callers and writes them together.
+
+    One writer task takes everything queued (up to max_size items, whole requests only) and
+    writes it with one call; while that write runs, new requests queue for the next one. So under
+    load batches grow by themselves, and an idle node answers a lone request after max_wait at
+    most. Each caller gets its own results once the batch holding them is durable, or the
+    batch's exception.
+
+    Args:
+        write: stores a batch, returning one result per item, in order.
+        max_size: the most items per write (1 turns batching off).
+        max_wait: seconds to wait for company after the first item of an idle period (0 writes at
+            once; batches still form while a write is in flight).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_size: int = 256,
+        max_wait: float = 0.0,
+    ) -> None:
+        self._write = write
+        self._max_size = max(1, max_size)
+        self._max_wait = max_wait
+        self._queue: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
+        self._queued_items = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self.drain_timeout = 10.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> GroupCommit[T, R]:
+        self._task = asyncio.create_task(self._run(), name="group-commit")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is not None:
+            # Let queued writes finish (bounded): their callers are waiting for an answer.
+            if self._queue:
+                self._idle.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def submit(self, items: Sequence[T]) -> list[R]:
+        """Write items as part of the next batch; returns their results once durable."""
+        if self._task is None:
+            raise RuntimeError("GroupCommit is not running")
+        future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        self._queue.append((items, future))
+        self._queued_items += len(items)
+        self._wake.set()
+        return await future
+
+    def _take(self) -> list[tuple[Sequence[T], asyncio.Future[list[R]]]]:
+        taken: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
+        size = 0
+        while self._queue:
+            items = self._queue[0][0]
+            if taken and size + len(items) > self._max_size:
+                break
+            taken.append(self._queue.pop(0))
+            size += len(items)
+        self._queued_items -= size
+        return taken
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._max_wait and self._queued_items < self._max_size:
+                await asyncio.sleep(self._max_wait)
+            while self._queue:
+                taken = self._take()
+                batch = [item for items, _ in taken for item in items]
+                BATCH_SIZE.observe(len(batch))
+                try:
+                    results = list(await self._write(batch))
+                except Exception as exc:
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                offset = 0
+                for items, future in taken:
+                    if not future.done():
+                        future.set_result(results[offset : offset + len(items)])
+                    offset += len(items)
+            self._idle.set()

@@ -1,0 +1,1 @@
+"""Message storage for nodes: the Store protocol and its implementations."""

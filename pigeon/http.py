@@ -1,0 +1,101 @@
+"""The HTTP server beside each service's gRPC server (health, metrics; REST mounts here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+__all__ = ["HttpServer", "base_routes"]
+
+log = logging.getLogger("pigeon.http")
+
+
+def base_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
+    """/healthz (200 while serving, 503 otherwise) and Prometheus /metrics."""
+
+    async def healthz(_: Request) -> Response:
+        healthy = is_healthy()
+        return JSONResponse(
+            {"status": "serving" if healthy else "not_serving"}, status_code=200 if healthy else 503
+        )
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return [Route("/healthz", healthz), Route("/metrics", metrics)]
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The service owns SIGINT/SIGTERM: it must stop gRPC too, and uvicorn would re-raise them.
+        yield
+
+
+class HttpServer:
+    """uvicorn serving a Starlette app on the running loop, as an async context manager."""
+
+    def __init__(
+        self,
+        routes: Sequence[BaseRoute],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: str = "",
+        tls_key: str = "",
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.app = Starlette(routes=list(routes))
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            ssl_certfile=tls_cert or None,
+            ssl_keyfile=tls_key or None,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = _Server(config)
+        self._task: asyncio.Task[None] | None = None
+        self._start_timeout = start_timeout
+        self.port = 0
+
+    async def __aenter__(self) -> HttpServer:
+        self._task = asyncio.create_task(self._server.serve())
+        async with asyncio.timeout(self._start_timeout):
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()
+                    raise OSError("HTTP server stopped during start-up")
+                await asyncio.sleep(0.01)
+        sockets = [s for server in self._server.servers for s in server.sockets]
+        self.port = sockets[0].getsockname()[1]
+        log.info("HTTP listening on port %d", self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(self._task, timeout=5)
+        except (TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+        self._task = None

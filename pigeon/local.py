@@ -1,0 +1,247 @@
+"""A whole Pigeon cluster on one machine, as child processes: what `pigeon up` runs, and what
+integration tests start."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pigeon.etcd_server import EtcdServer, free_port
+
+__all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
+
+log = logging.getLogger("pigeon.local")
+
+
+@dataclass(frozen=True)
+class ClusterSecrets:
+    """The three secrets of a cluster, from the environment or generated once per data folder."""
+
+    jwt_secret: str
+    api_key: str
+    cluster_secret: str
+
+    @classmethod
+    def load(cls, data_dir: Path, env: Mapping[str, str]) -> ClusterSecrets:
+        """Take each secret from PIGEON_* in env, else from data_dir, else generate and keep it."""
+        saved_path = data_dir / "secrets.json"
+        saved: dict[str, str] = {}
+        if saved_path.exists():
+            saved = json.loads(saved_path.read_text())
+        values = {
+            "jwt_secret": env.get("PIGEON_JWT_SECRET") or saved.get("jwt_secret"),
+            "api_key": (env.get("PIGEON_API_KEYS") or "").split(",")[0] or saved.get("api_key"),
+            "cluster_secret": env.get("PIGEON_CLUSTER_SECRET") or saved.get("cluster_secret"),
+        }
+        filled = {k: v or secrets.token_urlsafe(32) for k, v in values.items()}
+        data_dir.mkdir(parents=True, exist_ok=True)
+        saved_path.write_text(json.dumps(filled, indent=2))
+        saved_path.chmod(0o600)
+        return cls(**filled)
+
+
+@dataclass
+class ServiceProcess:
+    """One service (`python -m <module>`) run as a child process with its log in a file."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    port: int
+    http_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log_file:
+            # A session of its own: the cluster stops its children in order, not all at once on
+            # the terminal's Ctrl-C.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if not self.alive:
+                    raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{self.name} not healthy after {timeout:.0f} s:\n{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.alive and self.process is not None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (the service drains), then SIGKILL after timeout. Returns the exit code."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            return self.process.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.alive:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class LocalCluster:
+    """etcd, dispatchers, a Gate and nodes on this machine, on the embedded SQLite store.
+
+    Use as a context manager, or call start() and stop(). Everything started is stopped on exit,
+    also when start-up fails half-way.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        nodes: int = 2,
+        dispatchers: int = 1,
+        gate_port: int = 7070,
+        gate_http_port: int = 8070,
+        env: Mapping[str, str] | None = None,
+        node_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        base_env = dict(os.environ if env is None else env)
+        self.secrets = ClusterSecrets.load(data_dir, base_env)
+        self.etcd = EtcdServer(data_dir / "etcd")
+        self._env = {
+            **base_env,
+            "PIGEON_JWT_SECRET": self.secrets.jwt_secret,
+            "PIGEON_API_KEYS": base_env.get("PIGEON_API_KEYS") or self.secrets.api_key,
+            "PIGEON_CLUSTER_SECRET": self.secrets.cluster_secret,
+            "PIGEON_ETCD_ENDPOINTS": self.etcd.endpoint,
+            "PYTHONUNBUFFERED": "1",
+        }
+        logs = data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.dispatchers = [
+            self._process(
+                f"dispatcher-{i + 1}", "dispatcher", {"PIGEON_DISPATCHER_ID": f"dispatcher-{i + 1}"}
+            )
+            for i in range(dispatchers)
+        ]
+        self.gate = self._process("gate", "gate", {}, gate_port, gate_http_port)
+        self.nodes = [
+            self._process(
+                f"node-{i + 1}",
+                "node",
+                {
+                    "PIGEON_NODE_ID": f"node-{i + 1}",
+                    "PIGEON_SQLITE_PATH": str(data_dir / f"node-{i + 1}.db"),
+                    **(node_env or {}),
+                },
+            )
+            for i in range(nodes)
+        ]
+
+    def _process(
+        self, name: str, module: str, env: dict[str, str], port: int = 0, http_port: int = 0
+    ) -> ServiceProcess:
+        port = port or free_port()
+        http_port = http_port or free_port()
+        return ServiceProcess(
+            name=name,
+            module=module,
+            env={**self._env, **env, "PIGEON_PORT": str(port), "PIGEON_HTTP_PORT": str(http_port)},
+            port=port,
+            http_port=http_port,
+            log_path=self.data_dir / "logs" / f"{name}.log",
+        )
+
+    @property
+    def services(self) -> list[ServiceProcess]:
+        """Every service process, in start order."""
+        return [*self.dispatchers, self.gate, *self.nodes]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start everything and wait until every service reports SERVING."""
+        try:
+            self.etcd.start(timeout=timeout)
+            for service in self.services:
+                service.start()
+            for service in self.services:
+                service.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop nodes first (they drain), then the Gate and dispatchers, then etcd."""
+        for service in reversed(self.services):
+            service.signal(signal.SIGTERM)
+        for service in reversed(self.services):
+            service.stop(timeout)
+        self.etcd.stop()
+
+    def dead(self) -> list[ServiceProcess]:
+        """Services that have exited."""
+        return [s for s in self.services if s.process is not None and not s.alive]
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,102 @@
+"""How nodes and dispatchers describe themselves in etcd, and how that is read back."""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pigeon.registry import PrefixWatch
+from pigeon.v1 import types_pb2
+
+__all__ = [
+    "ClusterView",
+    "decode_dispatcher",
+    "decode_node",
+    "dispatcher_key",
+    "encode",
+    "node_key",
+    "now_timestamp",
+]
+
+
+def node_key(prefix: str, node_id: str) -> str:
+    """The etcd key of a node: <prefix>nodes/<id>."""
+    return f"{prefix}nodes/{node_id}"
+
+
+def dispatcher_key(prefix: str, dispatcher_id: str) -> str:
+    """The etcd key of a dispatcher: <prefix>dispatchers/<id>."""
+    return f"{prefix}dispatchers/{dispatcher_id}"
+
+
+def encode(info: Message) -> bytes:
+    """JSON, so `etcdctl get --prefix /pigeon/` is readable by people."""
+    return json_format.MessageToJson(info, indent=None).encode()
+
+
+def decode_node(raw: bytes) -> types_pb2.NodeInfo | None:
+    """The NodeInfo in an etcd value, or None if the value is not one (written by someone else)."""
+    try:
+        return json_format.Parse(raw, types_pb2.NodeInfo(), ignore_unknown_fields=True)
+    except json_format.ParseError:
+        return None
+
+
+def decode_dispatcher(raw: bytes) -> types_pb2.DispatcherInfo | None:
+    """The DispatcherInfo in an etcd value, or None if the value is not one."""
+    try:
+        return json_format.Parse(raw, types_pb2.DispatcherInfo(), ignore_unknown_fields=True)
+    except json_format.ParseError:
+        return None
+
+
+def now_timestamp() -> Timestamp:
+    """The current time as a protobuf Timestamp."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(time.time_ns())
+    return stamp
+
+
+class ClusterView:
+    """The live nodes and dispatchers, decoded once per change from a prefix watch of etcd.
+
+    Use as an async context manager; ``nodes`` and ``dispatchers`` are dicts by id, current as of
+    the last etcd event (and kept while etcd is unreachable).
+    """
+
+    def __init__(self, endpoints: list[str], prefix: str, *, timeout: float = 2.0) -> None:
+        self._prefix = prefix
+        self.nodes: dict[str, types_pb2.NodeInfo] = {}
+        self.dispatchers: dict[str, types_pb2.DispatcherInfo] = {}
+        self.watch = PrefixWatch(endpoints, prefix, timeout=timeout, on_change=self._changed)
+
+    def _changed(self, key: str, value: bytes | None) -> None:
+        kind, _, member_id = key[len(self._prefix) :].partition("/")
+        if kind == "nodes":
+            node = decode_node(value) if value is not None else None
+            if node is None:
+                self.nodes.pop(member_id, None)
+            else:
+                self.nodes[member_id] = node
+        elif kind == "dispatchers":
+            dispatcher = decode_dispatcher(value) if value is not None else None
+            if dispatcher is None:
+                self.dispatchers.pop(member_id, None)
+            else:
+                self.dispatchers[member_id] = dispatcher
+
+    async def __aenter__(self) -> ClusterView:
+        await self.watch.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.watch.__aexit__(exc_type, exc, tb)

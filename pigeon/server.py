@@ -1,0 +1,311 @@
+"""The gRPC server every Pigeon service runs: health, reflection, auth and error interceptors,
+server options for stream bursts, TLS, and graceful shutdown."""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter
+
+from pigeon.auth import bearer_token
+from pigeon.errors import Internal, PigeonError, Unauthenticated, abort
+
+__all__ = [
+    "PUBLIC",
+    "Authenticator",
+    "GrpcServer",
+    "Principal",
+    "Service",
+    "TlsFiles",
+    "current_principal",
+    "server_options",
+]
+
+log = logging.getLogger("pigeon.server")
+
+RPCS = Counter(
+    "pigeon_grpc_requests", "gRPC calls handled, by method and status code", ["method", "code"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a user (session token), a system sender or operator (API key), or another
+    Pigeon process (cluster secret)."""
+
+    kind: Literal["user", "system", "cluster", "anonymous"]
+    id: str
+
+
+Authenticator = Callable[[str | None], Principal]
+"""Takes the bearer token of a call (None when absent) and returns the caller, or raises a
+PigeonError (UNAUTHENTICATED, PERMISSION_DENIED)."""
+
+
+def _public(_token: str | None) -> Principal:
+    return Principal("anonymous", "")
+
+
+PUBLIC: Authenticator = _public
+"""The authenticator of calls that need no credentials (Gate.Connect reads its token itself)."""
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("pigeon_principal")
+
+
+def current_principal() -> Principal:
+    """The authenticated caller of the RPC being handled."""
+    return _principal.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A servicer to serve: its full proto name and the generated function that adds it."""
+
+    name: str
+    add: Callable[[grpc.aio.Server], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files of the server's certificate chain and private key."""
+
+    cert: str
+    key: str
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())]
+        )
+
+
+def server_options() -> list[tuple[str, Any]]:
+    """Channel arguments for a server that takes bursts of thousands of new streams."""
+    return [
+        # The defaults cancel most of a burst of 10,000 new streams.
+        ("grpc.server.max_pending_requests", 20000),
+        ("grpc.server.max_pending_requests_hard_limit", 20000),
+        # Find dead peers of long-lived streams; accept client pings on idle streams.
+        ("grpc.keepalive_time_ms", 30000),
+        ("grpc.keepalive_timeout_ms", 10000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _lookup(policy: Mapping[str, Authenticator], method: str) -> Authenticator | None:
+    """The authenticator for a method: by full method name, else by its service prefix."""
+    found = policy.get(method)
+    if found is None:
+        found = policy.get(method[: method.rfind("/") + 1])
+    return found
+
+
+if TYPE_CHECKING:
+    _InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
+else:  # the stubs make it generic; the runtime class is not subscriptable
+    _InterceptorBase = grpc.aio.ServerInterceptor
+
+
+class _Interceptor(_InterceptorBase):
+    """Authenticates every call of Pigeon's services and maps errors to statuses.
+
+    Pigeon methods without an entry in the policy are refused, so a new RPC is closed until
+    someone decides who may call it. Other services (health, reflection) are open.
+    """
+
+    def __init__(self, policy: Mapping[str, Authenticator]) -> None:
+        self._policy = policy
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or not method.startswith("/pigeon."):
+            return handler  # type: ignore[no-any-return]
+        authenticate = _lookup(self._policy, method)
+        if authenticate is None:
+            authenticate = _refuse
+        return _wrap(handler, method, authenticate)
+
+
+def _refuse(_token: str | None) -> Principal:
+    raise Unauthenticated("this method takes no callers on this service")
+
+
+def _wrap(
+    handler: Any, method: str, authenticate: Authenticator
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A copy of the handler whose behaviour authenticates first and converts errors."""
+
+    async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        try:
+            principal = authenticate(bearer_token(context.invocation_metadata()))
+        except PigeonError as exc:
+            RPCS.labels(method, exc.code.name).inc()
+            await abort(context, exc)
+        _principal.set(principal)
+
+    async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        if isinstance(exc, PigeonError):
+            RPCS.labels(method, exc.code.name).inc()
+            await abort(context, exc)
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error in %s (incident %s)", method, incident)
+        RPCS.labels(method, "INTERNAL").inc()
+        await abort(context, Internal(f"internal error (incident {incident})"))
+
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await enter(context)
+            try:
+                response = await inner_uu(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+            RPCS.labels(method, "OK").inc()
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, enter, fail, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _streaming(handler.stream_stream, enter, fail, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    raise TypeError(f"{method}: client-streaming RPCs are not used by Pigeon")
+
+
+def _streaming(
+    inner: Callable[..., Any],
+    enter: Callable[[grpc.aio.ServicerContext[Any, Any]], Any],
+    fail: Callable[[grpc.aio.ServicerContext[Any, Any], Exception], Any],
+    method: str,
+) -> Callable[..., AsyncIterator[Any]]:
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await enter(context)
+        try:
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await fail(context, exc)
+        RPCS.labels(method, "OK").inc()
+
+    return streaming
+
+
+class GrpcServer:
+    """A started grpc.aio server with health, reflection and Pigeon's interceptor.
+
+    Use as ``async with GrpcServer(...) as server:``; ``server.port`` is the bound port (pass 0 to
+    get a free one). On exit the health service reports NOT_SERVING, then the server stops with a
+    bounded grace period for calls in flight.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[Service],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        auth: Mapping[str, Authenticator] | None = None,
+        tls: TlsFiles | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self._services = list(services)
+        self._host = host
+        self._requested_port = port
+        self._auth = dict(auth or {})
+        self._tls = tls
+        self._grace = grace
+        self._server: grpc.aio.Server | None = None
+        self.health = HealthServicer()
+        self.port = 0
+
+    async def __aenter__(self) -> GrpcServer:
+        server = grpc.aio.server(interceptors=[_Interceptor(self._auth)], options=server_options())
+        for service in self._services:
+            service.add(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [s.name for s in self._services]
+        reflection.enable_server_reflection(
+            [
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        address = f"{self._host}:{self._requested_port}"
+        if self._tls is not None:
+            self.port = server.add_secure_port(address, self._tls.credentials())
+        else:
+            self.port = server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server = server
+        await self.set_serving(True)
+        log.info("gRPC listening on %s:%d (%s)", self._host, self.port, ", ".join(names))
+        return self
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the whole server and each service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *(s.name for s in self._services)]:
+            await self.health.set(name, status)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self._grace)
+        self._server = None

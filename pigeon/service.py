@@ -1,0 +1,82 @@
+"""What every service process does the same way: serve gRPC and HTTP, register in etcd, stop on
+a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from starlette.routing import BaseRoute
+
+from pigeon.config import CommonConfig
+from pigeon.http import HttpServer, base_routes
+from pigeon.runtime import freeze_heap, stop_signals
+from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
+
+__all__ = ["Listeners", "listen", "wait_for_stop"]
+
+log = logging.getLogger("pigeon.service")
+
+
+@dataclass
+class Listeners:
+    """The started servers of a process and the addresses others reach them at."""
+
+    grpc: GrpcServer
+    http: HttpServer
+    address: str
+    http_address: str
+
+
+def tls_files(config: CommonConfig) -> TlsFiles | None:
+    """The listener TLS files, if configured."""
+    return TlsFiles(config.tls_cert, config.tls_key) if config.tls_cert else None
+
+
+@contextlib.asynccontextmanager
+async def listen(
+    config: CommonConfig,
+    services: Sequence[Service],
+    auth: Mapping[str, Authenticator],
+    routes: Sequence[BaseRoute] = (),
+) -> AsyncIterator[Listeners]:
+    """Start the gRPC server and the HTTP server (health, metrics and the given routes)."""
+    host = config.advertise_host or config.host
+    async with GrpcServer(
+        services,
+        host=config.host,
+        port=config.port,
+        auth=auth,
+        tls=tls_files(config),
+        grace=config.grace_period,
+    ) as grpc_server:
+        serving = [True]
+        http_routes = [*base_routes(lambda: serving[0]), *routes]
+        async with HttpServer(
+            http_routes,
+            host=config.host,
+            port=config.http_port,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+        ) as http_server:
+            try:
+                yield Listeners(
+                    grpc_server,
+                    http_server,
+                    f"{host}:{grpc_server.port}",
+                    f"{host}:{http_server.port}",
+                )
+            finally:
+                serving[0] = False
+
+
+async def wait_for_stop() -> None:
+    """Return on the first SIGINT or SIGTERM; start-up is over, so freeze the heap first."""
+    stop = asyncio.Event()
+    freeze_heap()
+    with stop_signals(stop.set):
+        await stop.wait()
+    log.info("stop signal received")

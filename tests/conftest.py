@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.conftest_etcd", "tests.conftest_store"]

@@ -1,0 +1,202 @@
+"""The error catalogue: rich statuses on a real gRPC round trip, and back into exceptions."""
+
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+from google.rpc import (  # type: ignore[import-untyped, unused-ignore]
+    error_details_pb2,
+    status_pb2,
+)
+from grpc_status import rpc_status
+
+from pigeon.errors import (
+    ERROR_DOMAIN,
+    AlreadyExists,
+    ConfigError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PigeonError,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    abort,
+    from_rpc_error,
+    rich_status,
+)
+
+SERVICE = "pigeon.test.Errors"
+
+# What the test server raises, by request payload.
+ERRORS: dict[bytes, PigeonError] = {
+    b"rate": ResourceExhausted("too many sends", retry_after=1.5, limit="100"),
+    b"invalid": InvalidArgument("title is too long", reason="TITLE_TOO_LONG", limit="1024"),
+    b"unauthenticated": Unauthenticated("token expired", reason="TOKEN_EXPIRED"),
+    b"denied": PermissionDenied("not your inbox"),
+    b"not_found": NotFound("no message 7", message_id="7"),
+    b"exists": AlreadyExists("duplicate message id"),
+    b"precondition": FailedPrecondition("node is draining", reason="DRAINING"),
+    b"unavailable": Unavailable("no healthy node"),
+    b"deadline": DeadlineExceeded("store did not answer in time"),
+    b"internal": Internal("broken invariant"),
+    b"unicode": InvalidArgument("名字 is not a valid title: ∅"),
+}
+
+
+def _unpack(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo | None, float | None]:
+    info = retry = None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            message = error_details_pb2.RetryInfo()
+            detail.Unpack(message)
+            retry = message.retry_delay.ToNanoseconds() / 1e9
+    return info, retry
+
+
+@pytest.fixture
+async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    """A real grpc.aio server on a free port whose one method aborts with ERRORS[request]."""
+
+    async def fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        if request == b"plain":
+            # A status without rich details, as gRPC itself or a proxy would send.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        await abort(context, ERRORS[request])
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE, {"Fail": grpc.unary_unary_rpc_method_handler(fail)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as chan:
+            yield chan
+    finally:
+        await server.stop(None)
+
+
+async def _call(
+    channel: grpc.aio.Channel, payload: bytes, method: str = "Fail"
+) -> grpc.aio.AioRpcError:
+    # No serializers: requests and responses are raw bytes, so no proto is needed.
+    call = channel.unary_unary(f"/{SERVICE}/{method}", None, None)(payload, timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+@pytest.mark.integration
+async def test_client_sees_resource_exhausted_with_error_info_and_retry_info(channel):
+    exc = await _call(channel, b"rate")
+
+    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert exc.details() == "too many sends (retry after 1.5s)"
+    # grpcio-status's own reader, which also checks that code and message agree with the trailer.
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]  # an AioRpcError is a Call
+    assert status is not None
+    info, retry = _unpack(status)
+    assert info is not None
+    assert info.reason == "RESOURCE_EXHAUSTED"
+    assert info.domain == ERROR_DOMAIN
+    assert dict(info.metadata) == {"limit": "100"}
+    assert retry == pytest.approx(1.5)
+
+
+@pytest.mark.integration
+async def test_rich_status_is_readable_with_the_async_helper_on_the_call(channel):
+    call = channel.unary_unary(f"/{SERVICE}/Fail", None, None)(b"rate", timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    status = await rpc_status.aio.from_call(call)  # type: ignore[attr-defined]
+    assert status is not None
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+@pytest.mark.integration
+async def test_from_rpc_error_rebuilds_resource_exhausted_with_its_delay(channel):
+    err = from_rpc_error(await _call(channel, b"rate"))
+
+    assert type(err) is ResourceExhausted
+    assert err.retry_after == pytest.approx(1.5)
+    # The suffix is not appended a second time when the error is rebuilt.
+    assert err.message == "too many sends (retry after 1.5s)"
+    assert err.reason == "RESOURCE_EXHAUSTED"
+    assert err.metadata == {"limit": "100"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("payload", [key for key in ERRORS if key != b"rate"])
+async def test_every_error_survives_the_round_trip(channel, payload):
+    sent = ERRORS[payload]
+    exc = await _call(channel, payload)
+
+    assert exc.code() == sent.code
+    received = from_rpc_error(exc)
+    assert type(received) is type(sent)
+    assert received.message == sent.message
+    assert received.reason == sent.reason
+    assert received.metadata == sent.metadata
+
+
+@pytest.mark.integration
+async def test_status_without_details_maps_to_subclass_with_default_reason(channel):
+    err = from_rpc_error(await _call(channel, b"plain"))
+
+    assert type(err) is Unavailable
+    assert err.reason == "UNAVAILABLE"
+    assert err.message == "connection refused"
+    assert err.metadata == {}
+
+
+@pytest.mark.integration
+async def test_code_without_subclass_maps_to_base_error_keeping_the_code(channel):
+    err = from_rpc_error(await _call(channel, b"", method="NoSuchMethod"))
+
+    assert type(err) is PigeonError
+    assert err.code == grpc.StatusCode.UNIMPLEMENTED
+    assert err.reason == "UNIMPLEMENTED"
+
+
+@pytest.mark.unit
+def test_rich_status_of_plain_error_has_error_info_but_no_retry_info():
+    status = rich_status(NotFound("no message 7", message_id="7"))
+
+    assert status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert status.message == "no message 7"
+    info, retry = _unpack(status)
+    assert info is not None and info.reason == "NOT_FOUND"
+    assert dict(info.metadata) == {"message_id": "7"}
+    assert retry is None
+
+
+@pytest.mark.unit
+def test_metadata_values_are_kept_as_strings_even_when_given_otherwise():
+    err = InvalidArgument("too many recipients", limit=1000)  # type: ignore[arg-type]
+    assert err.metadata == {"limit": "1000"}
+    assert rich_status(err).message == "too many recipients"
+
+
+@pytest.mark.unit
+def test_config_error_names_its_key_in_attribute_and_metadata():
+    err = ConfigError("unknown setting PIGEON_PROT", key="PIGEON_PROT")
+
+    assert err.key == "PIGEON_PROT"
+    assert err.metadata["key"] == "PIGEON_PROT"
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(err, PigeonError)
+    assert str(err) == "unknown setting PIGEON_PROT"
+
+
+@pytest.mark.unit
+def test_retry_hint_is_left_out_of_the_message_when_there_is_none():
+    assert ResourceExhausted("queue full", retry_after=0).message == "queue full"

@@ -1,0 +1,342 @@
+"""Membership in a real etcd: registrations, prefix watches, and how both survive outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import pytest
+
+from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
+from pigeon.registry import PrefixWatch, Registration, RegistryUnavailableError
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = "/pigeon/nodes/"
+KEY = PREFIX + "n1"
+
+
+async def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail the test after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def retry(call: Callable[[], Awaitable[Any]], within: float = 5.0) -> Any:
+    """Run an etcd call until it succeeds (right after a restart, the channel may still be down)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await call()
+        except aetcd.exceptions.ClientError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def client_for(server: EtcdServer) -> Any:
+    return aetcd.Client(host=server.host, port=server.client_port, timeout=2)
+
+
+# --- EtcdServer ---------------------------------------------------------------------------------
+
+
+async def test_etcd_server_restart_keeps_ports_and_data(etcd: EtcdServer) -> None:
+    endpoint = etcd.endpoint
+    client = client_for(etcd)
+    try:
+        await client.put(b"/k", b"v")
+        await asyncio.to_thread(etcd.stop)
+        assert not etcd.running
+        await asyncio.to_thread(etcd.start)
+        assert etcd.endpoint == endpoint
+        got = await retry(lambda: client.get(b"/k"))
+        assert got is not None and got.value == b"v"
+    finally:
+        await client.close()
+
+
+def test_etcd_server_that_cannot_start_raises_with_its_log(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        server = EtcdServer(tmp_path / "etcd", client_port=busy.getsockname()[1])
+        try:
+            with pytest.raises(RuntimeError, match="exited with code") as info:
+                server.start(timeout=10)
+            assert "address already in use" in str(info.value)
+            assert not server.running
+        finally:
+            server.stop()
+
+
+def test_etcd_server_picks_distinct_free_ports(tmp_path: Path) -> None:
+    server = EtcdServer(tmp_path / "etcd")
+    assert server.client_port != server.peer_port
+    assert server.endpoint == f"127.0.0.1:{server.client_port}"
+    assert os.access(etcd_binary(), os.X_OK)
+    assert free_port() > 0
+
+
+# --- Registration seen through a PrefixWatch -----------------------------------------------------
+
+
+async def test_registration_appears_under_prefix_and_update_changes_it(etcd: EtcdServer) -> None:
+    changes: list[tuple[str, bytes | None]] = []
+    async with (
+        PrefixWatch([etcd.endpoint], PREFIX, on_change=lambda k, v: changes.append((k, v))) as w,
+        Registration([etcd.endpoint], KEY, b"v1") as reg,
+    ):
+        await w.wait_for(lambda view: view.get(KEY) == b"v1", timeout=5)
+        assert w.connected
+        assert reg.registered
+
+        assert await reg.update(b"v2") is True
+        await w.wait_for(lambda view: view.get(KEY) == b"v2", timeout=5)
+        assert w.view == {KEY: b"v2"}
+        assert changes == [(KEY, b"v1"), (KEY, b"v2")]
+
+
+async def test_keys_outside_the_prefix_are_not_in_the_view(etcd: EtcdServer, etcd_client) -> None:
+    await etcd_client.put(b"/pigeon/dispatchers/d1", b"d")
+    async with PrefixWatch([etcd.endpoint], PREFIX) as w:
+        await etcd_client.put(b"/pigeon/nodesX", b"no")
+        await etcd_client.put(KEY.encode(), b"yes")
+        await w.wait_for(lambda view: KEY in view, timeout=5)
+        assert w.view == {KEY: b"yes"}
+
+
+CHILD = """
+import asyncio, sys
+from pigeon.registry import Registration
+
+async def main():
+    async with Registration([sys.argv[1]], sys.argv[2], b"child", ttl=2):
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_registration_of_a_killed_process_disappears_after_its_ttl(
+    etcd: EtcdServer,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, etcd.endpoint, KEY, stdout=asyncio.subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=20)
+        assert line.strip() == b"READY"
+        async with PrefixWatch([etcd.endpoint], PREFIX) as w:
+            assert w.view == {KEY: b"child"}
+            proc.kill()
+            await proc.wait()
+            # Gone through lease expiry (ttl 2 s), not through anything the dead process did.
+            await w.wait_for(lambda view: KEY not in view, timeout=2 + 3)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_withdraw_removes_the_key_at_once_and_is_idempotent(etcd: EtcdServer) -> None:
+    async with (
+        PrefixWatch([etcd.endpoint], PREFIX) as w,
+        Registration([etcd.endpoint], KEY, b"v", ttl=30) as reg,
+    ):
+        await w.wait_for(lambda view: KEY in view, timeout=5)
+        await reg.withdraw()
+        # Far below the ttl of 30 s: removed, not expired.
+        await w.wait_for(lambda view: KEY not in view, timeout=2)
+        assert not reg.registered
+        await reg.withdraw()
+        with pytest.raises(RuntimeError, match="withdrawn"):
+            await reg.update(b"again")
+
+
+async def test_leaving_the_registration_context_removes_the_key_at_once(etcd: EtcdServer) -> None:
+    async with PrefixWatch([etcd.endpoint], PREFIX) as w:
+        async with Registration([etcd.endpoint], KEY, b"v", ttl=30) as reg:
+            await w.wait_for(lambda view: KEY in view, timeout=5)
+            task = reg._task
+        await w.wait_for(lambda view: KEY not in view, timeout=2)
+        assert task is not None and task.done()
+
+
+# --- etcd outages --------------------------------------------------------------------------------
+
+
+async def test_watch_keeps_its_view_while_etcd_is_down_and_resumes_after_restart(
+    etcd: EtcdServer,
+) -> None:
+    client = client_for(etcd)
+    try:
+        await client.put(b"/pigeon/nodes/a", b"A")
+        async with PrefixWatch([etcd.endpoint], PREFIX, retry_interval=0.2) as w:
+            assert w.view == {"/pigeon/nodes/a": b"A"}
+            await asyncio.to_thread(etcd.stop)
+            await wait_until(lambda: not w.connected, 5, "the watch to notice the outage")
+            assert w.view == {"/pigeon/nodes/a": b"A"}
+
+            await asyncio.to_thread(etcd.start)
+            await retry(lambda: client.put(b"/pigeon/nodes/b", b"B"))
+            await w.wait_for(lambda view: "/pigeon/nodes/b" in view, timeout=5)
+            assert w.view == {"/pigeon/nodes/a": b"A", "/pigeon/nodes/b": b"B"}
+            assert w.connected
+    finally:
+        await client.close()
+
+
+async def test_watch_reloads_when_its_revision_was_compacted_during_an_outage(
+    etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="pigeon.registry")
+    changes: list[tuple[str, bytes | None]] = []
+    client = client_for(etcd)
+    try:
+        await client.put(b"/pigeon/nodes/a", b"A")
+        # A slow retry leaves time to change and compact etcd before the watch comes back.
+        async with PrefixWatch(
+            [etcd.endpoint],
+            PREFIX,
+            retry_interval=2.0,
+            on_change=lambda k, v: changes.append((k, v)),
+        ) as w:
+            await asyncio.to_thread(etcd.stop)
+            await wait_until(lambda: not w.connected, 5, "the watch to notice the outage")
+            await asyncio.to_thread(etcd.start)
+            await retry(lambda: client.delete(b"/pigeon/nodes/a"))
+            put = await client.put(b"/pigeon/nodes/b", b"B")
+            await client.compact(put.header.revision)
+
+            await w.wait_for(lambda view: view == {"/pigeon/nodes/b": b"B"}, timeout=8)
+            assert ("/pigeon/nodes/a", None) in changes
+            assert "compacted" in caplog.text
+    finally:
+        await client.close()
+
+
+async def test_watch_entered_while_etcd_is_down_starts_empty_and_catches_up(
+    tmp_path: Path,
+) -> None:
+    server = EtcdServer(tmp_path / "etcd")
+    client = client_for(server)
+    try:
+        async with PrefixWatch([server.endpoint], PREFIX, retry_interval=0.2) as w:
+            assert w.view == {}
+            assert not w.connected
+            await asyncio.to_thread(server.start)
+            await retry(lambda: client.put(KEY.encode(), b"late"))
+            await w.wait_for(lambda view: view == {KEY: b"late"}, timeout=5)
+            # The view is loaded before the watch is established: both happen shortly.
+            await wait_until(lambda: w.connected, 5, "the watch to be established")
+    finally:
+        await client.close()
+        server.stop()
+
+
+async def test_registration_is_recreated_after_its_lease_is_revoked(
+    etcd: EtcdServer, etcd_client
+) -> None:
+    changes: list[tuple[str, bytes | None]] = []
+    async with (
+        PrefixWatch([etcd.endpoint], PREFIX, on_change=lambda k, v: changes.append((k, v))) as w,
+        Registration([etcd.endpoint], KEY, b"v1", ttl=3) as reg,
+    ):
+        await reg.update(b"v2")
+        await w.wait_for(lambda view: view.get(KEY) == b"v2", timeout=5)
+        lost = reg.lease_id
+
+        await etcd_client.revoke_lease(lost)
+        # Deleted with the lease, then put back with the current value under a new lease.
+        await w.wait_for(
+            lambda view: (KEY, None) in changes and view.get(KEY) == b"v2", timeout=3 + 3
+        )
+        assert reg.lease_id not in (None, lost)
+
+
+async def test_update_during_an_outage_is_written_when_etcd_returns(etcd: EtcdServer) -> None:
+    async with (
+        PrefixWatch([etcd.endpoint], PREFIX, retry_interval=0.2) as w,
+        Registration([etcd.endpoint], KEY, b"v1", ttl=3) as reg,
+    ):
+        await w.wait_for(lambda view: view.get(KEY) == b"v1", timeout=5)
+        await asyncio.to_thread(etcd.stop)
+        assert await reg.update(b"v2") is False
+        assert reg.value == b"v2"
+        await asyncio.to_thread(etcd.start)
+        await w.wait_for(lambda view: view.get(KEY) == b"v2", timeout=8)
+
+
+async def test_registration_and_watch_recover_when_etcd_returns_with_empty_data(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    client = client_for(etcd)
+    try:
+        await client.put(b"/pigeon/nodes/stale", b"S")
+        for i in range(20):  # move the old revision well past what the new data will reach
+            await client.put(b"/other", str(i).encode())
+    finally:
+        await client.close()
+    async with (
+        PrefixWatch([etcd.endpoint], PREFIX, retry_interval=0.2) as w,
+        Registration([etcd.endpoint], KEY, b"v1", ttl=3),
+    ):
+        await w.wait_for(lambda view: len(view) == 2, timeout=5)
+        await asyncio.to_thread(etcd.kill)
+        fresh = EtcdServer(
+            tmp_path / "etcd-new", client_port=etcd.client_port, peer_port=etcd.peer_port
+        )
+        try:
+            await asyncio.to_thread(fresh.start)
+            await w.wait_for(lambda view: view == {KEY: b"v1"}, timeout=8)
+        finally:
+            await asyncio.to_thread(fresh.stop)
+
+
+async def test_registration_fails_fast_when_etcd_is_down(tmp_path: Path) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    with pytest.raises(RegistryUnavailableError, match="cannot register"):
+        async with Registration([endpoint], KEY, b"v"):
+            pass
+
+
+async def test_registration_entered_while_etcd_is_down_registers_once_it_starts(
+    tmp_path: Path,
+) -> None:
+    server = EtcdServer(tmp_path / "etcd")
+    try:
+        async with Registration([server.endpoint], KEY, b"v", ttl=3, fail_fast=False) as reg:
+            assert not reg.registered
+            await asyncio.to_thread(server.start)
+            async with PrefixWatch([server.endpoint], PREFIX) as w:
+                await w.wait_for(lambda view: view.get(KEY) == b"v", timeout=5)
+            assert reg.registered
+    finally:
+        server.stop()
+
+
+async def test_watch_and_registration_use_the_next_endpoint_when_one_is_down(
+    etcd: EtcdServer,
+) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    async with (
+        Registration([dead, etcd.endpoint], KEY, b"v", fail_fast=False),
+        PrefixWatch([dead, etcd.endpoint], PREFIX, retry_interval=0.1) as w,
+    ):
+        await w.wait_for(lambda view: view.get(KEY) == b"v", timeout=5)
