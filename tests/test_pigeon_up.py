@@ -1,0 +1,112 @@
+"""`pigeon up` as a user runs it: it starts a cluster, serves, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pigeon.etcd_server import free_port
+
+pytestmark = pytest.mark.integration
+
+PIGEON = str(Path(sys.executable).parent / "pigeon")
+
+
+def children_of(pid: int) -> list[int]:
+    """PIDs whose parent is pid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The parent pid is the 2nd field after the parenthesised command name.
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    assert process.stdout is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    os.set_blocking(process.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line:
+            seen.append(line)
+            if marker in line:
+                return "".join(seen)
+        elif process.poll() is not None:
+            break
+        else:
+            time.sleep(0.05)
+    raise AssertionError(f"{marker!r} not printed; output so far:\n{''.join(seen)}")
+
+
+def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "up"
+    gate_port, gate_http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    process = subprocess.Popen(
+        [
+            PIGEON,
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--gate-port",
+            str(gate_port),
+            "--gate-http-port",
+            str(gate_http_port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        printed = read_until(process, "Ctrl-C stops everything", timeout=60)
+        assert f"127.0.0.1:{gate_port}" in printed
+        assert "PIGEON_API_KEYS=" in printed and "PIGEON_JWT_SECRET=" in printed
+        with grpc.insecure_channel(f"127.0.0.1:{gate_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="pigeon.v1.Gate"), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # etcd, the dispatcher, the gate and two nodes.
+        children = children_of(process.pid)
+        assert len(children) == 5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            for pid in children_of(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.wait(10)
+
+
+def test_pigeon_up_help_documents_the_ports() -> None:
+    result = subprocess.run([PIGEON, "up", "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "--gate-port" in result.stdout and "--gate-http-port" in result.stdout
+    assert "7070" in result.stdout and "8070" in result.stdout
