@@ -9,13 +9,17 @@ import secrets
 import sys
 import time
 
+from node.core import NodeCore
+from node.servicer import NodeServicer
+from node.store.base import Store
+from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig, load_config
 from pigeon.membership import encode, node_key, now_timestamp
 from pigeon.registry import Registration
 from pigeon.runtime import configure_logging, run
-from pigeon.server import Principal, Service
+from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import listen, wait_for_stop
 from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
 
@@ -26,17 +30,38 @@ log = logging.getLogger("pigeon.node")
 NODE = node_pb2.DESCRIPTOR.services_by_name["Node"].full_name
 
 
-class NodeServicer(node_pb2_grpc.NodeServicer):
-    """The node's RPCs; the inbox and the stream are built on this skeleton."""
+def make_store(config: NodeConfig) -> Store:
+    """The store the config names."""
+    if config.store == "mongodb":
+        from node.store.mongo import MongoStore
+
+        return MongoStore(config.mongodb_uri, config.mongodb_database)
+    from node.store.sqlite import SqliteStore
+
+    return SqliteStore(config.sqlite_path)
+
+
+def limits_of(config: NodeConfig) -> Limits:
+    return Limits(
+        max_body_bytes=config.max_body_bytes,
+        max_title_bytes=config.max_title_bytes,
+        max_metadata_bytes=config.max_metadata_bytes,
+        max_recipients=config.max_recipients,
+        max_page_size=config.max_page_size,
+        max_batch=config.batch_max_size,
+    )
 
 
 async def _report_load(
-    registration: Registration, info: types_pb2.NodeInfo, interval: float
+    registration: Registration, info: types_pb2.NodeInfo, core: NodeCore, interval: float
 ) -> None:
     """Keep the connection count in etcd current, so Gates can balance."""
     while True:
         await asyncio.sleep(interval)
-        await registration.update(encode(info))
+        if info.connections != core.pool.connections or info.users != core.pool.user_count:
+            info.connections = core.pool.connections
+            info.users = core.pool.user_count
+            await registration.update(encode(info))
 
 
 async def serve(config: NodeConfig) -> int:
@@ -51,9 +76,29 @@ async def serve(config: NodeConfig) -> int:
     def system(token: str | None) -> Principal:
         return Principal("system", api_keys.check(token))
 
-    servicer = NodeServicer()
+    store = make_store(config)
+    await store.open()
+    try:
+        async with NodeCore(
+            store,
+            node_id=node_id,
+            limits=limits_of(config),
+            stream_queue_size=config.stream_queue_size,
+            heartbeat_interval=config.heartbeat_interval,
+            batch_max_size=config.batch_max_size,
+            batch_max_wait=config.batch_max_wait_ms / 1000,
+        ) as core:
+            await _serve(config, node_id, core, {f"/{NODE}/Publish": system, f"/{NODE}/": user})
+    finally:
+        await store.close()
+    return 0
+
+
+async def _serve(
+    config: NodeConfig, node_id: str, core: NodeCore, auth: dict[str, Authenticator]
+) -> None:
+    servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
-    auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
     async with listen(config, services, auth) as listeners:
         info = types_pb2.NodeInfo(
             node_id=node_id,
@@ -71,7 +116,7 @@ async def serve(config: NodeConfig) -> int:
             timeout=config.etcd_timeout,
         ) as registration:
             reporter = asyncio.create_task(
-                _report_load(registration, info, config.load_report_interval)
+                _report_load(registration, info, core, config.load_report_interval)
             )
             log.info(
                 "node %s serving gRPC on %s, HTTP on %s",
@@ -89,8 +134,14 @@ async def serve(config: NodeConfig) -> int:
             started = time.monotonic()
             await registration.withdraw()
             await listeners.grpc.set_serving(False)
-            log.info("node %s drained in %.2f s", node_id, time.monotonic() - started)
-    return 0
+            streams = core.pool.connections
+            await core.drain(config.grace_period)
+            log.info(
+                "node %s drained %d streams in %.2f s",
+                node_id,
+                streams,
+                time.monotonic() - started,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

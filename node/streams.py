@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge
@@ -38,13 +38,18 @@ class Stream:
     nothing is lost and the node neither slows down nor grows.
     """
 
-    __slots__ = ("_batch", "_wake", "id", "limit", "user_id")
+    __slots__ = ("_batch", "_wake", "id", "limit", "on_overflow", "user_id")
 
-    def __init__(self, user_id: str, limit: int) -> None:
+    def __init__(
+        self, user_id: str, limit: int, on_overflow: Callable[[Stream], None] | None = None
+    ) -> None:
         self.id = next(_stream_ids)
         self.user_id = user_id
         self.limit = limit
         self._batch = Batch()
+        # Called once when the stream falls behind. Its writer may be stuck in a write that waits
+        # for the client to read, so the pool must let go of it now, not when the writer returns.
+        self.on_overflow = on_overflow
         self._wake = asyncio.Event()
 
     @property
@@ -64,6 +69,8 @@ class Stream:
             batch.unread_count = None
             batch.reconnect = "slow_consumer"
             DROPPED.inc()
+            if self.on_overflow is not None:
+                self.on_overflow(self)
         self._wake.set()
 
     def close(self, reason: str) -> None:
@@ -94,6 +101,8 @@ class Pool:
     def __init__(self) -> None:
         self._by_user: dict[str, dict[int, Stream]] = {}
         self._count = 0
+        self.empty = asyncio.Event()
+        self.empty.set()
 
     def add(self, stream: Stream) -> bool:
         """Register a stream; True if it is the user's first on this node."""
@@ -101,6 +110,7 @@ class Pool:
         first = not streams
         streams[stream.id] = stream
         self._count += 1
+        self.empty.clear()
         STREAMS.set(self._count)
         USERS.set(len(self._by_user))
         return first
@@ -111,6 +121,8 @@ class Pool:
         if streams is None or streams.pop(stream.id, None) is None:
             return False
         self._count -= 1
+        if not self._count:
+            self.empty.set()
         last = not streams
         if last:
             del self._by_user[stream.user_id]

@@ -45,6 +45,8 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.http2.max_pings_without_data": 0,
+    # Any unanswered ping (gRPC also sends its own bandwidth probes) otherwise waits 60 s.
+    "grpc.http2.ping_timeout_ms": 5_000,
 }
 
 OnChange = Callable[[str, bytes | None], None]
@@ -112,6 +114,11 @@ class _Connection:
             await asyncio.wait_for(client.close(), self._timeout)
         except Exception as exc:  # closing a client to a dead etcd may fail; fine
             logger.debug("closing etcd client for %s failed: %r", self.endpoint, exc)
+
+
+def _lease_not_found(exc: BaseException) -> bool:
+    # aetcd maps NOT_FOUND to a bare ClientError; the etcd message is the only marker.
+    return "lease not found" in str(exc)
 
 
 def _describe(exc: BaseException) -> str:
@@ -293,11 +300,13 @@ class Registration:
             try:
                 await self._conn.client().revoke_lease(self._lease_id)
             except Exception as exc:
-                await self._conn.failed()
-                raise RegistryUnavailableError(
-                    f"cannot withdraw {self.key} from etcd at {self._conn.endpoint}: "
-                    f"{_describe(exc)}"
-                ) from exc
+                # Not found: it expired (say, during an outage) or was revoked; the key is gone.
+                if not _lease_not_found(exc):
+                    await self._conn.failed()
+                    raise RegistryUnavailableError(
+                        f"cannot withdraw {self.key} from etcd at {self._conn.endpoint}: "
+                        f"{_describe(exc)}"
+                    ) from exc
             logger.info("withdrew %s", self.key)
             self._lease_id = None
 

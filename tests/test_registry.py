@@ -68,6 +68,37 @@ async def test_etcd_server_restart_keeps_ports_and_data(etcd: EtcdServer) -> Non
         await client.close()
 
 
+async def test_paused_etcd_stalls_calls_until_resumed_and_can_still_be_stopped(
+    etcd: EtcdServer,
+) -> None:
+    client = aetcd.Client(host=etcd.host, port=etcd.client_port, timeout=0.3)
+    try:
+        await client.put(b"/k", b"1")
+        etcd.pause()
+
+        async def stalled() -> bool:
+            try:
+                await client.put(b"/k", b"2")
+            except aetcd.exceptions.ConnectionTimeoutError:
+                return True
+            return False
+
+        # SIGSTOP takes effect a moment later: the first calls may still succeed.
+        deadline = time.monotonic() + 5
+        while not await stalled():
+            assert time.monotonic() < deadline, "calls kept succeeding while etcd was paused"
+        etcd.resume()
+        await retry(lambda: client.put(b"/k", b"3"))
+
+        etcd.pause()
+        started = time.monotonic()
+        await asyncio.to_thread(etcd.stop, 5)
+        assert not etcd.running
+        assert time.monotonic() - started < 5  # SIGTERM was acted on, no SIGKILL needed
+    finally:
+        await client.close()
+
+
 def test_etcd_server_that_cannot_start_raises_with_its_log(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -267,7 +298,8 @@ async def test_registration_is_recreated_after_its_lease_is_revoked(
         await w.wait_for(
             lambda view: (KEY, None) in changes and view.get(KEY) == b"v2", timeout=3 + 3
         )
-        assert reg.lease_id not in (None, lost)
+        # The watch may see the key before the put's reply reaches the registration.
+        await wait_until(lambda: reg.lease_id not in (None, lost), 2, "the new lease id")
 
 
 async def test_update_during_an_outage_is_written_when_etcd_returns(etcd: EtcdServer) -> None:
@@ -326,7 +358,8 @@ async def test_registration_entered_while_etcd_is_down_registers_once_it_starts(
             await asyncio.to_thread(server.start)
             async with PrefixWatch([server.endpoint], PREFIX) as w:
                 await w.wait_for(lambda view: view.get(KEY) == b"v", timeout=5)
-            assert reg.registered
+            # The watch may see the key before the put's reply reaches the registration.
+            await wait_until(lambda: reg.registered, 2, "the registration to know it is in")
     finally:
         server.stop()
 

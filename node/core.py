@@ -1,0 +1,600 @@
+"""The node's core: store, deliver, replay and serve the inbox. It knows nothing of gRPC; the
+servicer (and the REST layer) call it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from types import TracebackType
+from typing import Protocol, TypeVar
+
+from google.protobuf.duration_pb2 import Duration
+from prometheus_client import Counter
+
+from node.commit import GroupCommit
+from node.convert import new_message_id, to_proto
+from node.store.base import Entry, Kind, NewMessage, ReadFilter, Store, Stored, StoreError
+from node.streams import Pool, Stream
+from node.validate import (
+    Limits,
+    Outgoing,
+    check_id,
+    check_page_size,
+    decode_page_token,
+    encode_page_token,
+)
+from pigeon.errors import InvalidArgument, NotFound, Unavailable
+from pigeon.v1 import dispatcher_pb2, node_pb2, types_pb2
+
+__all__ = ["NoRelay", "NodeCore", "Relay"]
+
+log = logging.getLogger("pigeon.node")
+
+T = TypeVar("T")
+
+STORED = Counter("pigeon_node_messages_stored", "Messages stored by this node", ["kind"])
+DELIVERED = Counter("pigeon_node_messages_pushed", "Message copies queued to local streams")
+
+REPLAY_PAGE = 256
+RECENT_LIMIT = 100_000
+SYSTEM_SOURCE = "system"
+
+
+class Relay(Protocol):
+    """Where a node hands what it cannot deliver alone: the dispatcher layer."""
+
+    def relay(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        """Send envelopes towards the other nodes (never blocks; batched by the relay)."""
+
+    def user_added(self, user_id: str) -> None:
+        """The user's first stream opened on this node."""
+
+    def user_removed(self, user_id: str) -> None:
+        """The user's last stream on this node closed."""
+
+
+class NoRelay:
+    """A node on its own: it delivers to its local streams only."""
+
+    def relay(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        return None
+
+    def user_added(self, user_id: str) -> None:
+        return None
+
+    def user_removed(self, user_id: str) -> None:
+        return None
+
+
+class _Unread:
+    """Pushes absolute unread counts to a user's local streams after their inbox changed.
+
+    Changes are coalesced: a burst of 100 messages to one user costs one count query, sent in
+    the same event as the messages or right after.
+    """
+
+    def __init__(self, store: Store, pool: Pool) -> None:
+        self._store = store
+        self._pool = pool
+        self._dirty: dict[str, None] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="unread-counts")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def mark(self, user_id: str) -> None:
+        if self._pool.holds(user_id):
+            self._dirty[user_id] = None
+            self._wake.set()
+
+    def mark_everyone(self) -> None:
+        for user_id in self._pool.users():
+            self._dirty[user_id] = None
+        self._wake.set()
+
+    def push(self, user_id: str, count: int) -> None:
+        """A count already known (from a change on this node or another) goes out at once."""
+        self._dirty.pop(user_id, None)
+        for stream in self._pool.streams_of(user_id):
+            stream.push((), count)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty:
+                user_id = next(iter(self._dirty))
+                del self._dirty[user_id]
+                if not self._pool.holds(user_id):
+                    continue
+                try:
+                    count = await self._store.unread_count(user_id)
+                except StoreError:
+                    log.warning("unread count of %s not available; retrying", user_id)
+                    self._dirty[user_id] = None
+                    await asyncio.sleep(0.5)
+                    continue
+                for stream in self._pool.streams_of(user_id):
+                    stream.push((), count)
+
+
+class _Recent:
+    """Which (message id, recipient) pairs this node has pushed lately, to drop relayed
+    duplicates (two dispatchers, retries)."""
+
+    def __init__(self, limit: int = RECENT_LIMIT) -> None:
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._limit = limit
+
+    def first_time(self, message_id: str, recipient: str) -> bool:
+        key = (message_id, recipient)
+        if key in self._seen:
+            return False
+        self._seen[key] = None
+        if len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+        return True
+
+
+class NodeCore:
+    """Stores messages and delivers them; replays streams; serves the inbox.
+
+    Args:
+        store: the durable store (opened and closed by the caller).
+        node_id: this node's id (stamped on relayed envelopes).
+        limits: what one request may carry.
+        relay: where messages for other nodes go.
+        stream_queue_size: messages a stream may have queued before it is cut as too slow.
+        heartbeat_interval: seconds between heartbeats on an idle stream.
+        batch_max_size: messages per store transaction at most (1 turns group commit off).
+        batch_max_wait: seconds a lone write waits for company.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        node_id: str,
+        limits: Limits | None = None,
+        relay: Relay | None = None,
+        stream_queue_size: int = 1024,
+        heartbeat_interval: float = 15.0,
+        batch_max_size: int = 256,
+        batch_max_wait: float = 0.0,
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.limits = limits or Limits()
+        self.relay: Relay = relay or NoRelay()
+        self.pool = Pool()
+        self.stream_queue_size = stream_queue_size
+        self.heartbeat_interval = heartbeat_interval
+        self._commit: GroupCommit[NewMessage, Stored] = GroupCommit(
+            self._write, max_size=batch_max_size, max_wait=batch_max_wait
+        )
+        self._unread = _Unread(store, self.pool)
+        self._recent = _Recent()
+
+    async def __aenter__(self) -> NodeCore:
+        await self._commit.__aenter__()
+        self._unread.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._commit.__aexit__(exc_type, exc, tb)
+        await self._unread.stop()
+
+    # Writing and delivering.
+
+    async def send(self, sender: str, messages: Sequence[Outgoing]) -> list[Stored]:
+        """Store messages from a user; returns once they are durable."""
+        now = time.time_ns()
+        return await self._submit(
+            [
+                NewMessage(
+                    id=new_message_id(),
+                    sender=sender,
+                    kind=Kind.USER,
+                    recipients=m.to,
+                    title=m.title,
+                    body=m.body,
+                    metadata=m.metadata,
+                    created_at_ns=now,
+                    idempotency_key=m.idempotency_key,
+                )
+                for m in messages
+            ]
+        )
+
+    async def publish(self, messages: Sequence[Outgoing]) -> list[Stored]:
+        """Store messages from a system sender (to users or broadcast)."""
+        now = time.time_ns()
+        return await self._submit(
+            [
+                NewMessage(
+                    id=new_message_id(),
+                    sender=m.source or SYSTEM_SOURCE,
+                    kind=Kind.BROADCAST if m.broadcast else Kind.SYSTEM,
+                    recipients=m.to,
+                    title=m.title,
+                    body=m.body,
+                    metadata=m.metadata,
+                    created_at_ns=now,
+                    idempotency_key=m.idempotency_key,
+                )
+                for m in messages
+            ]
+        )
+
+    async def _submit(self, news: list[NewMessage]) -> list[Stored]:
+        try:
+            return await self._commit.submit(news)
+        except StoreError as exc:
+            raise Unavailable(
+                f"the message store failed, nothing was stored; retry: {exc}",
+                reason="STORE_UNAVAILABLE",
+            ) from exc
+
+    async def _write(self, batch: Sequence[NewMessage]) -> list[Stored]:
+        # Delivery happens here, in the single writer, so streams see commit order.
+        stored = await self.store.append(batch)
+        envelopes: list[dispatcher_pb2.Envelope] = []
+        for new, result in zip(batch, stored, strict=True):
+            if result.duplicate:
+                continue
+            STORED.labels(new.kind.name.lower()).inc()
+            if new.kind == Kind.BROADCAST:
+                message = to_proto(_entry(new, result.broadcast_seq, ""))
+                self._push_broadcast(message)
+                envelopes.append(
+                    dispatcher_pb2.Envelope(
+                        message=message, broadcast=True, origin_node_id=self.node_id
+                    )
+                )
+                continue
+            for recipient in new.recipients:
+                message = to_proto(_entry(new, result.seqs[recipient], recipient))
+                self._push(recipient, message)
+                envelopes.append(
+                    dispatcher_pb2.Envelope(
+                        recipient=recipient, message=message, origin_node_id=self.node_id
+                    )
+                )
+        if envelopes:
+            self.relay.relay(envelopes)
+        return stored
+
+    def _push(self, recipient: str, message: types_pb2.Message) -> None:
+        if not self._recent.first_time(message.id, recipient):
+            return
+        # A copy: a stream that overflows leaves the pool during the loop.
+        streams = tuple(self.pool.streams_of(recipient))
+        if streams:
+            for stream in streams:
+                stream.push((message,), None)
+                DELIVERED.inc()
+            self._unread.mark(recipient)
+
+    def _push_broadcast(self, message: types_pb2.Message) -> None:
+        if not self._recent.first_time(message.id, ""):
+            return
+        for stream in self.pool.all():
+            stream.push((message,), None)
+            DELIVERED.inc()
+        self._unread.mark_everyone()
+
+    def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        """Deliver envelopes relayed from other nodes to the local streams they concern."""
+        for envelope in envelopes:
+            if envelope.broadcast:
+                self._push_broadcast(envelope.message)
+            elif envelope.HasField("message"):
+                self._push(envelope.recipient, envelope.message)
+            elif envelope.HasField("unread_count"):
+                self._unread.push(envelope.recipient, envelope.unread_count)
+
+    def _changed(self, user_id: str, unread: int) -> None:
+        """The user's read state changed here: tell their devices, on this node and others."""
+        self._unread.push(user_id, unread)
+        self.relay.relay(
+            [
+                dispatcher_pb2.Envelope(
+                    recipient=user_id, unread_count=unread, origin_node_id=self.node_id
+                )
+            ]
+        )
+
+    # The inbox.
+
+    async def list_messages(
+        self,
+        user_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        read: ReadFilter = ReadFilter.ALL,
+        sender: str = "",
+        kind: Kind | None = None,
+    ) -> tuple[list[Entry], str]:
+        """A page of the inbox, newest first, and the token of the next page ("" at the end)."""
+        limit = check_page_size(page_size, self.limits)
+        inbox_before, broadcast_before = decode_page_token(page_token)
+        inbox: list[Entry] = []
+        broadcasts: list[Entry] = []
+        # One more than needed tells whether another page exists.
+        if kind in (None, Kind.USER, Kind.SYSTEM) and inbox_before != 1:
+            inbox = await _read(
+                self.store.inbox_before(
+                    user_id, inbox_before, limit + 1, read=read, sender=sender, kind=kind
+                )
+            )
+        if kind in (None, Kind.BROADCAST) and broadcast_before != 1:
+            broadcasts = await _read(
+                self.store.broadcasts_before(
+                    user_id, broadcast_before, limit + 1, read=read, sender=sender
+                )
+            )
+        merged = sorted([*inbox, *broadcasts], key=lambda e: (e.created_at_ns, e.id), reverse=True)
+        page = merged[:limit]
+        if len(merged) <= limit:
+            return page, ""
+        return page, encode_page_token(
+            _next_bound([e.seq for e in page if e.kind != Kind.BROADCAST], inbox, inbox_before),
+            _next_bound(
+                [e.seq for e in page if e.kind == Kind.BROADCAST], broadcasts, broadcast_before
+            ),
+        )
+
+    async def get_message(self, user_id: str, message_id: str) -> Entry:
+        check_id(message_id, "message_id")
+        entry = await _read(self.store.get(user_id, message_id))
+        if entry is None:
+            raise NotFound(f"no message {message_id} in your inbox", reason="MESSAGE_NOT_FOUND")
+        return entry
+
+    async def mark_read(
+        self,
+        user_id: str,
+        *,
+        ids: Sequence[str] = (),
+        up_to_seq: int = 0,
+        up_to_broadcast_seq: int = 0,
+        everything: bool = False,
+    ) -> int:
+        chosen = sum(bool(x) for x in (ids, up_to_seq or up_to_broadcast_seq, everything))
+        if chosen != 1:
+            raise InvalidArgument(
+                "set exactly one of message_ids, up_to_seq / up_to_broadcast_seq, or all",
+                reason="BAD_MARK_READ",
+            )
+        for message_id in ids:
+            check_id(message_id, "message_ids")
+        unread = await _read(
+            self.store.mark_read(
+                user_id,
+                ids=ids,
+                up_to_seq=up_to_seq,
+                up_to_broadcast_seq=up_to_broadcast_seq,
+                everything=everything,
+            )
+        )
+        self._changed(user_id, unread)
+        return unread
+
+    async def delete(self, user_id: str, message_id: str) -> int:
+        check_id(message_id, "message_id")
+        unread = await _read(self.store.delete(user_id, message_id))
+        if unread is None:
+            raise NotFound(f"no message {message_id} in your inbox", reason="MESSAGE_NOT_FOUND")
+        self._changed(user_id, unread)
+        return unread
+
+    async def unread_count(self, user_id: str) -> int:
+        return await _read(self.store.unread_count(user_id))
+
+    # The stream.
+
+    async def subscribe(
+        self, user_id: str, since_seq: int | None, since_broadcast_seq: int | None
+    ) -> AsyncIterator[node_pb2.SubscribeResponse]:
+        """The events of one client stream: welcome and unread count, the replay from the
+        cursor, the replay-done marker, then live events and heartbeats until the client leaves
+        or the node asks it to reconnect.
+
+        The stream joins the pool before the store is read, so nothing stored meanwhile is
+        missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
+        """
+        stream = Stream(user_id, self.stream_queue_size, self._leave)
+        if self.pool.add(stream):
+            self.relay.user_added(user_id)
+        try:
+            async for event in self._events(stream, since_seq, since_broadcast_seq):
+                yield event
+        finally:
+            self._leave(stream)
+
+    def _leave(self, stream: Stream) -> None:
+        if self.pool.remove(stream):
+            self.relay.user_removed(stream.user_id)
+
+    async def _events(
+        self, stream: Stream, since_seq: int | None, since_broadcast_seq: int | None
+    ) -> AsyncIterator[node_pb2.SubscribeResponse]:
+        user_id = stream.user_id
+        head_seq, head_broadcast = await _read(self.store.heads(user_id))
+        seq = _start(since_seq, head_seq, "since_seq")
+        broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")
+        unread = await _read(self.store.unread_count(user_id))
+        yield node_pb2.SubscribeResponse(
+            welcome=node_pb2.Welcome(
+                user_id=user_id,
+                node_id=self.node_id,
+                heartbeat_interval=_duration(self.heartbeat_interval),
+            ),
+            unread_count=unread,
+            cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+        )
+        replayed = 0
+        for broadcast in (False, True):
+            while True:
+                after = broadcast_seq if broadcast else seq
+                read = self.store.broadcasts_after if broadcast else self.store.inbox_after
+                page = await _read(read(user_id, after, REPLAY_PAGE))
+                if not page:
+                    break
+                if broadcast:
+                    broadcast_seq = page[-1].seq
+                else:
+                    seq = page[-1].seq
+                replayed += len(page)
+                yield node_pb2.SubscribeResponse(
+                    messages=[to_proto(e) for e in page],
+                    cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+                )
+                if len(page) < REPLAY_PAGE:
+                    break
+        yield node_pb2.SubscribeResponse(
+            replay_done=node_pb2.ReplayDone(replayed=replayed),
+            cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+        )
+        while True:
+            batch = await stream.take(self.heartbeat_interval)
+            if batch is None:
+                event = node_pb2.SubscribeResponse()
+                event.heartbeat.sent_at.GetCurrentTime()
+                yield event
+                continue
+            inbox = sorted(
+                (
+                    m
+                    for m in batch.messages
+                    if m.kind != types_pb2.MESSAGE_KIND_BROADCAST and m.seq > seq
+                ),
+                key=lambda m: m.seq,
+            )
+            broadcasts = sorted(
+                (
+                    m
+                    for m in batch.messages
+                    if m.kind == types_pb2.MESSAGE_KIND_BROADCAST and m.seq > broadcast_seq
+                ),
+                key=lambda m: m.seq,
+            )
+            # A message relayed from another node can overtake an older one; fill the gap
+            # from the store so the stream stays in seq order with nothing missing.
+            if inbox and inbox[0].seq != seq + 1:
+                inbox = await self._fill(user_id, seq, inbox, broadcast=False)
+            if broadcasts and broadcasts[0].seq != broadcast_seq + 1:
+                broadcasts = await self._fill(user_id, broadcast_seq, broadcasts, broadcast=True)
+            if inbox:
+                seq = inbox[-1].seq
+            if broadcasts:
+                broadcast_seq = broadcasts[-1].seq
+            event = node_pb2.SubscribeResponse(
+                messages=[*inbox, *broadcasts],
+                cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+            )
+            if batch.unread_count is not None:
+                event.unread_count = batch.unread_count
+            if batch.reconnect:
+                event.reconnect.reason = batch.reconnect
+                event.reconnect.retry_after.CopyFrom(
+                    _duration(0.0 if batch.reconnect == "slow_consumer" else 0.5)
+                )
+                yield event
+                return
+            if event.messages or event.HasField("unread_count"):
+                yield event
+
+    async def _fill(
+        self,
+        user_id: str,
+        after: int,
+        live: list[types_pb2.Message],
+        *,
+        broadcast: bool,
+    ) -> list[types_pb2.Message]:
+        read = self.store.broadcasts_after if broadcast else self.store.inbox_after
+        stored = await _read(read(user_id, after, live[-1].seq - after))
+        merged = {e.seq: to_proto(e) for e in stored if e.seq <= live[-1].seq}
+        for message in live:
+            merged.setdefault(message.seq, message)
+        return [merged[k] for k in sorted(merged)]
+
+    async def drain(self, grace: float) -> None:
+        """Ask every stream to reconnect elsewhere and wait (bounded) until they are gone."""
+        for stream in self.pool.all():
+            stream.close("draining")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.pool.empty.wait(), grace)
+
+
+async def _read(call: Awaitable[T]) -> T:
+    """Await a store call; a store failure becomes UNAVAILABLE (retry later)."""
+    try:
+        return await call
+    except StoreError as exc:
+        raise Unavailable(
+            f"the message store is unavailable; retry: {exc}", reason="STORE_UNAVAILABLE"
+        ) from exc
+
+
+def _start(cursor: int | None, head: int, name: str) -> int:
+    """Where a stream starts: the client's cursor, or the head (live only) without one."""
+    if cursor is None:
+        return head
+    if cursor > head:
+        raise InvalidArgument(
+            f"{name} {cursor} is ahead of the newest message ({head}); "
+            "use a cursor this cluster gave you",
+            reason="BAD_CURSOR",
+            field=name,
+        )
+    return cursor
+
+
+def _next_bound(taken: list[int], fetched: list[Entry], before: int | None) -> int:
+    """The next page's bound for one stream: below what this page took; 1 when the stream is
+    exhausted; 0 (from the newest) when it has not been read yet."""
+    if taken:
+        return min(taken)
+    if not fetched:
+        return 1
+    return before or 0
+
+
+def _entry(new: NewMessage, seq: int, recipient: str) -> Entry:
+    return Entry(
+        id=new.id,
+        seq=seq,
+        sender=new.sender,
+        kind=new.kind,
+        title=new.title,
+        body=new.body,
+        metadata=new.metadata,
+        created_at_ns=new.created_at_ns,
+        read=False,
+        recipient=recipient,
+    )
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value

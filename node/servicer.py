@@ -1,0 +1,145 @@
+"""The Node's gRPC servicer: protobuf in, core call, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc.aio
+
+from node.convert import to_proto
+from node.core import NodeCore
+from node.store.base import Kind, ReadFilter
+from node.validate import Outgoing, check_batch, check_outgoing
+from pigeon.server import current_principal
+from pigeon.v1 import node_pb2, node_pb2_grpc
+
+__all__ = ["NodeServicer"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class NodeServicer(node_pb2_grpc.NodeServicer):
+    """Node RPCs for the authenticated caller (see pigeon.server's interceptor)."""
+
+    def __init__(self, core: NodeCore) -> None:
+        self._core = core
+
+    async def Subscribe(
+        self, request: node_pb2.SubscribeRequest, context: Context
+    ) -> AsyncIterator[node_pb2.SubscribeResponse]:
+        since = request.since_seq if request.HasField("since_seq") else None
+        since_broadcast = (
+            request.since_broadcast_seq if request.HasField("since_broadcast_seq") else None
+        )
+        async for event in self._core.subscribe(current_principal().id, since, since_broadcast):
+            yield event
+
+    async def Send(self, request: node_pb2.SendRequest, context: Context) -> node_pb2.SendResponse:
+        sender = current_principal().id
+        limits = self._core.limits
+        single = bool(request.to or request.title or request.body or request.metadata)
+        check_batch(single or bool(request.idempotency_key), request.batch, limits.max_batch)
+        drafts: Sequence[Any] = request.batch or [request]
+        many = bool(request.batch)
+        outgoing = [
+            check_outgoing(
+                limits,
+                to=d.to,
+                title=d.title,
+                body=d.body,
+                metadata=d.metadata,
+                idempotency_key=d.idempotency_key,
+                sender=sender,
+                where=f"batch[{i}]." if many else "",
+            )
+            for i, d in enumerate(drafts)
+        ]
+        stored = await self._core.send(sender, outgoing)
+        reply = node_pb2.SendResponse(message_id=stored[0].id, message_ids=[s.id for s in stored])
+        reply.created_at.FromNanoseconds(stored[0].created_at_ns)
+        return reply
+
+    async def Publish(
+        self, request: node_pb2.NodePublishRequest, context: Context
+    ) -> node_pb2.NodePublishResponse:
+        stored = await self._core.publish(publications(self._core, request))
+        return node_pb2.NodePublishResponse(
+            message_id=stored[0].id, message_ids=[s.id for s in stored]
+        )
+
+    async def ListMessages(
+        self, request: node_pb2.ListMessagesRequest, context: Context
+    ) -> node_pb2.ListMessagesResponse:
+        entries, token = await self._core.list_messages(
+            current_principal().id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            read=ReadFilter(request.read_filter)
+            if request.read_filter in _READ
+            else ReadFilter.ALL,
+            sender=request.sender,
+            kind=Kind(request.kind) if request.kind in _KINDS else None,
+        )
+        return node_pb2.ListMessagesResponse(
+            messages=[to_proto(e) for e in entries], next_page_token=token
+        )
+
+    async def GetMessage(
+        self, request: node_pb2.GetMessageRequest, context: Context
+    ) -> node_pb2.GetMessageResponse:
+        entry = await self._core.get_message(current_principal().id, request.message_id)
+        return node_pb2.GetMessageResponse(message=to_proto(entry))
+
+    async def MarkRead(
+        self, request: node_pb2.MarkReadRequest, context: Context
+    ) -> node_pb2.MarkReadResponse:
+        unread = await self._core.mark_read(
+            current_principal().id,
+            ids=list(request.message_ids),
+            up_to_seq=request.up_to_seq,
+            up_to_broadcast_seq=request.up_to_broadcast_seq,
+            everything=request.all,
+        )
+        return node_pb2.MarkReadResponse(unread_count=unread)
+
+    async def DeleteMessage(
+        self, request: node_pb2.DeleteMessageRequest, context: Context
+    ) -> node_pb2.DeleteMessageResponse:
+        unread = await self._core.delete(current_principal().id, request.message_id)
+        return node_pb2.DeleteMessageResponse(unread_count=unread)
+
+    async def GetUnreadCount(
+        self, request: node_pb2.GetUnreadCountRequest, context: Context
+    ) -> node_pb2.GetUnreadCountResponse:
+        return node_pb2.GetUnreadCountResponse(
+            unread_count=await self._core.unread_count(current_principal().id)
+        )
+
+
+_READ = {f.value for f in ReadFilter}
+_KINDS = {k.value for k in Kind}
+
+
+def publications(core: NodeCore, request: node_pb2.NodePublishRequest) -> list[Outgoing]:
+    """The validated messages of a publish request (one message or a batch)."""
+    single = bool(
+        request.to or request.broadcast or request.title or request.body or request.metadata
+    )
+    check_batch(single or bool(request.idempotency_key), request.batch, core.limits.max_batch)
+    many = bool(request.batch)
+    items: Sequence[Any] = request.batch or [request]
+    return [
+        check_outgoing(
+            core.limits,
+            to=p.to,
+            title=p.title,
+            body=p.body,
+            metadata=p.metadata,
+            idempotency_key=p.idempotency_key,
+            broadcast=p.broadcast,
+            source=p.source,
+            where=f"batch[{i}]." if many else "",
+        )
+        for i, p in enumerate(items)
+    ]
