@@ -6,6 +6,8 @@ import logging
 import secrets
 import sys
 
+from dispatcher.routing import Router
+from dispatcher.servicer import DispatcherServicer
 from pigeon import __version__
 from pigeon.auth import ClusterSecret
 from pigeon.config import DispatcherConfig, load_config
@@ -23,10 +25,6 @@ log = logging.getLogger("pigeon.dispatcher")
 DISPATCHER = dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name
 
 
-class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
-    """The relay's RPCs; routing is built on this skeleton."""
-
-
 async def serve(config: DispatcherConfig) -> int:
     """Run a dispatcher until SIGINT or SIGTERM."""
     dispatcher_id = config.dispatcher_id or f"dispatcher-{secrets.token_hex(4)}"
@@ -36,7 +34,8 @@ async def serve(config: DispatcherConfig) -> int:
         cluster.check(token)
         return Principal("cluster", "")
 
-    servicer = DispatcherServicer()
+    router = Router(config.routing_mode, config.node_queue_size)
+    servicer = DispatcherServicer(router)
     services = [
         Service(
             DISPATCHER, lambda s: dispatcher_pb2_grpc.add_DispatcherServicer_to_server(servicer, s)

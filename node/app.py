@@ -8,15 +8,17 @@ import logging
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 
 from node.core import NodeCore
+from node.relay import DispatcherRelay
 from node.servicer import NodeServicer
 from node.store.base import Store
 from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig, load_config
-from pigeon.membership import encode, node_key, now_timestamp
+from pigeon.membership import ClusterView, encode, node_key, now_timestamp
 from pigeon.registry import Registration
 from pigeon.runtime import configure_logging, run
 from pigeon.server import Authenticator, Principal, Service
@@ -79,23 +81,38 @@ async def serve(config: NodeConfig) -> int:
     store = make_store(config)
     await store.open()
     try:
-        async with NodeCore(
-            store,
-            node_id=node_id,
-            limits=limits_of(config),
-            stream_queue_size=config.stream_queue_size,
-            heartbeat_interval=config.heartbeat_interval,
-            batch_max_size=config.batch_max_size,
-            batch_max_wait=config.batch_max_wait_ms / 1000,
-        ) as core:
-            await _serve(config, node_id, core, {f"/{NODE}/Publish": system, f"/{NODE}/": user})
+        async with (
+            NodeCore(
+                store,
+                node_id=node_id,
+                limits=limits_of(config),
+                stream_queue_size=config.stream_queue_size,
+                heartbeat_interval=config.heartbeat_interval,
+                batch_max_size=config.batch_max_size,
+                batch_max_wait=config.batch_max_wait_ms / 1000,
+            ) as core,
+            ClusterView(
+                config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
+            ) as view,
+            DispatcherRelay(
+                node_id=node_id,
+                cluster_secret=config.cluster_secret,
+                dispatchers=lambda: view.dispatchers,
+                users=core.pool.users,
+                deliver=core.receive,
+                report_interval=config.routing_report_interval_ms / 1000,
+            ) as relay,
+        ):
+            core.relay = relay
+            auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
+            await _serve(config, node_id, core, auth)
     finally:
         await store.close()
     return 0
 
 
 async def _serve(
-    config: NodeConfig, node_id: str, core: NodeCore, auth: dict[str, Authenticator]
+    config: NodeConfig, node_id: str, core: NodeCore, auth: Mapping[str, Authenticator]
 ) -> None:
     servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]

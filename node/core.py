@@ -56,6 +56,9 @@ class Relay(Protocol):
     def user_removed(self, user_id: str) -> None:
         """The user's last stream on this node closed."""
 
+    async def routes_ready(self) -> None:
+        """Return once the dispatchers route this node's current users here."""
+
 
 class NoRelay:
     """A node on its own: it delivers to its local streams only."""
@@ -67,6 +70,9 @@ class NoRelay:
         return None
 
     def user_removed(self, user_id: str) -> None:
+        return None
+
+    async def routes_ready(self) -> None:
         return None
 
 
@@ -437,6 +443,8 @@ class NodeCore:
         self, stream: Stream, since_seq: int | None, since_broadcast_seq: int | None
     ) -> AsyncIterator[node_pb2.SubscribeResponse]:
         user_id = stream.user_id
+        # Read the store only once messages stored from now on are sure to be routed here.
+        await self.relay.routes_ready()
         head_seq, head_broadcast = await _read(self.store.heads(user_id))
         seq = _start(since_seq, head_seq, "since_seq")
         broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")

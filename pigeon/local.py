@@ -156,6 +156,7 @@ class LocalCluster:
         gate_http_port: int = 8070,
         env: Mapping[str, str] | None = None,
         node_env: Mapping[str, str] | None = None,
+        dispatcher_env: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         base_env = dict(os.environ if env is None else env)
@@ -171,12 +172,8 @@ class LocalCluster:
         }
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        self.dispatchers = [
-            self._process(
-                f"dispatcher-{i + 1}", "dispatcher", {"PIGEON_DISPATCHER_ID": f"dispatcher-{i + 1}"}
-            )
-            for i in range(dispatchers)
-        ]
+        self._dispatcher_env = dict(dispatcher_env or {})
+        self.dispatchers = [self._dispatcher(i + 1) for i in range(dispatchers)]
         self.gate = self._process("gate", "gate", {}, gate_port, gate_http_port)
         self.nodes = [
             self._process(
@@ -184,12 +181,27 @@ class LocalCluster:
                 "node",
                 {
                     "PIGEON_NODE_ID": f"node-{i + 1}",
-                    "PIGEON_SQLITE_PATH": str(data_dir / f"node-{i + 1}.db"),
+                    # One store for the cluster: SQLite in WAL mode serves several processes.
+                    "PIGEON_SQLITE_PATH": str(data_dir / "pigeon.db"),
                     **(node_env or {}),
                 },
             )
             for i in range(nodes)
         ]
+
+    def _dispatcher(self, number: int) -> ServiceProcess:
+        name = f"dispatcher-{number}"
+        return self._process(
+            name, "dispatcher", {"PIGEON_DISPATCHER_ID": name, **self._dispatcher_env}
+        )
+
+    def add_dispatcher(self, timeout: float = 30.0) -> ServiceProcess:
+        """Start one more dispatcher and wait until it is healthy."""
+        dispatcher = self._dispatcher(len(self.dispatchers) + 1)
+        self.dispatchers.append(dispatcher)
+        dispatcher.start()
+        dispatcher.wait_healthy(timeout)
+        return dispatcher
 
     def _process(
         self, name: str, module: str, env: dict[str, str], port: int = 0, http_port: int = 0

@@ -8,11 +8,12 @@ watch that resumes where it left off after an outage).
 Both are async context managers that own a background task and an aetcd client, and both survive
 etcd outages: they retry in the background and never clear what they know while etcd is away.
 
-Example:
-    >>> async with Registration(["127.0.0.1:2379"], "/pigeon/nodes/n1", b"{}") as reg:
-    ...     async with PrefixWatch(["127.0.0.1:2379"], "/pigeon/nodes/") as watch:
-    ...         await watch.wait_for(lambda view: "/pigeon/nodes/n1" in view, timeout=5)
-    ...         await reg.update(b'{"load": 3}')  # doctest: +SKIP
+Example (inside a coroutine)::
+
+    async with Registration(["127.0.0.1:2379"], "/pigeon/nodes/n1", b"{}") as reg:
+        async with PrefixWatch(["127.0.0.1:2379"], "/pigeon/nodes/") as watch:
+            await watch.wait_for(lambda view: "/pigeon/nodes/n1" in view, timeout=5)
+            await reg.update(b'{"load": 3}')
 """
 
 from __future__ import annotations
@@ -65,9 +66,11 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
         port = parts.port
     except ValueError as exc:
         raise ValueError(f"invalid etcd endpoint {endpoint!r}: bad port") from exc
-    if not parts.hostname or port is None:
+    host = parts.hostname
+    if not host or port is None:
         raise ValueError(f"invalid etcd endpoint {endpoint!r}: expected host:port")
-    return parts.hostname, port
+    # aetcd builds the gRPC target as f"{host}:{port}": an IPv6 address needs its brackets back.
+    return (f"[{host}]" if ":" in host else host), port
 
 
 class _Connection:
@@ -202,6 +205,7 @@ class Registration:
 
     async def __aenter__(self) -> Self:
         errors: list[str] = []
+        last: Exception | None = None
         for _ in range(self._conn.count):
             try:
                 async with self._lock:

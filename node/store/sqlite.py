@@ -519,9 +519,11 @@ def _append(conn: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Store
             key = (new.sender, new.idempotency_key)
             first = firsts.get(key)
             if first is None:
+                # The `!= ''` repeats the partial index's condition: without it SQLite cannot
+                # prove the index applies to a bound parameter and scans the whole table.
                 row = conn.execute(
                     "SELECT id, created_at_ns FROM messages"
-                    " WHERE sender = ? AND idempotency_key = ?",
+                    " WHERE sender = ? AND idempotency_key = ? AND idempotency_key != ''",
                     key,
                 ).fetchone()
                 if row is None:

@@ -61,8 +61,13 @@ class DispatcherSubscribeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
+    REPORT_VERSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The sending node's id; required on the first message of the stream."""
+    report_version: _builtins.int
+    """Increases with every report on this stream; the dispatcher echoes the last one it applied,
+    so a node knows when new routes are in force.
+    """
     @_builtins.property
     def report(self) -> Global___RoutingReport:
         """Which users the node holds."""
@@ -72,10 +77,11 @@ class DispatcherSubscribeRequest(_message.Message):
         *,
         node_id: _builtins.str = ...,
         report: Global___RoutingReport | None = ...,
+        report_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "report", b"report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "report", b"report", "report_version", b"report_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,6 +138,9 @@ class DispatcherSubscribeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPES_FIELD_NUMBER: _builtins.int
+    APPLIED_REPORT_VERSION_FIELD_NUMBER: _builtins.int
+    applied_report_version: _builtins.int
+    """The report_version of the last report from this node that the dispatcher has applied."""
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
         """The envelopes, in the order the dispatcher received them."""
@@ -140,10 +149,11 @@ class DispatcherSubscribeResponse(_message.Message):
         self,
         *,
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        applied_report_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_report_version", b"applied_report_version", "envelopes", b"envelopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

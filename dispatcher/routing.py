@@ -1,0 +1,152 @@
+"""The dispatcher's core: which node holds which user, and a bounded queue per subscribed node."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import Counter, Gauge
+
+from pigeon.v1 import dispatcher_pb2
+
+__all__ = ["NodeLink", "Router"]
+
+SENT = Counter(
+    "pigeon_dispatcher_envelopes_sent", "Envelopes queued to subscribed nodes", ["node_id"]
+)
+UNROUTED = Counter(
+    "pigeon_dispatcher_envelopes_unrouted", "Envelopes for users no subscribed node holds"
+)
+OVERFLOWS = Counter(
+    "pigeon_dispatcher_node_overflows", "Node streams ended because they fell behind"
+)
+NODES = Gauge("pigeon_dispatcher_nodes", "Nodes subscribed to this dispatcher")
+ROUTED_USERS = Gauge("pigeon_dispatcher_users", "Users with at least one node in the table")
+
+
+class NodeLink:
+    """One node's subscribe stream: what is queued for it, flushed as one message."""
+
+    def __init__(self, node_id: str, limit: int) -> None:
+        self.node_id = node_id
+        self.limit = limit
+        self.users: set[str] = set()
+        self.applied_version = 0
+        self.overflowed = False
+        self._queue: list[dispatcher_pb2.Envelope] = []
+        self._ack_pending = False
+        self._wake = asyncio.Event()
+        self.closed = False
+
+    def put(self, envelope: dispatcher_pb2.Envelope) -> None:
+        if self.overflowed or self.closed:
+            return
+        self._queue.append(envelope)
+        if len(self._queue) > self.limit:
+            # The node resubscribes; its users recover anything missed from the store.
+            self.overflowed = True
+            self._queue.clear()
+            OVERFLOWS.inc()
+        SENT.labels(self.node_id).inc()
+        self._wake.set()
+
+    def acknowledge(self, version: int) -> None:
+        self.applied_version = version
+        self._ack_pending = True
+        self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
+        """The next message for the node, or None when the stream should end."""
+        while not (self._queue or self._ack_pending or self.overflowed or self.closed):
+            self._wake.clear()
+            await self._wake.wait()
+        if self.overflowed or self.closed:
+            return None
+        reply = dispatcher_pb2.DispatcherSubscribeResponse(
+            envelopes=self._queue, applied_report_version=self.applied_version
+        )
+        self._queue = []
+        self._ack_pending = False
+        return reply
+
+
+class Router:
+    """Routes envelopes to the nodes that need them.
+
+    In routed mode (the default) an envelope goes only to the nodes whose reports say they hold
+    its recipient; in broadcast mode (the original design) to every subscribed node, which drops
+    what it does not hold. Broadcast messages go to every node in both modes. Never back to the
+    node the envelope came from.
+    """
+
+    def __init__(self, mode: str = "routed", queue_limit: int = 10000) -> None:
+        if mode not in ("routed", "broadcast"):
+            raise ValueError(f"routing mode must be routed or broadcast, not {mode!r}")
+        self.mode = mode
+        self.queue_limit = queue_limit
+        self.links: dict[str, NodeLink] = {}
+        self.routes: dict[str, set[str]] = {}
+
+    def attach(self, node_id: str) -> NodeLink:
+        """A node subscribed; a newer stream from the same node replaces the older one."""
+        old = self.links.get(node_id)
+        if old is not None:
+            self.detach(old)
+        link = NodeLink(node_id, self.queue_limit)
+        self.links[node_id] = link
+        NODES.set(len(self.links))
+        return link
+
+    def detach(self, link: NodeLink) -> None:
+        link.close()
+        if self.links.get(link.node_id) is not link:
+            return
+        del self.links[link.node_id]
+        self._forget(link, link.users)
+        link.users.clear()
+        NODES.set(len(self.links))
+
+    def report(self, link: NodeLink, report: dispatcher_pb2.RoutingReport, version: int) -> None:
+        """Apply a node's report of the users it holds."""
+        if report.full:
+            self._forget(link, link.users - set(report.added))
+            link.users = set()
+        else:
+            removed = set(report.removed)
+            self._forget(link, removed)
+            link.users -= removed
+        for user in report.added:
+            link.users.add(user)
+            self.routes.setdefault(user, set()).add(link.node_id)
+        ROUTED_USERS.set(len(self.routes))
+        link.acknowledge(version)
+
+    def _forget(self, link: NodeLink, users: Iterable[str]) -> None:
+        for user in users:
+            holders = self.routes.get(user)
+            if holders is not None:
+                holders.discard(link.node_id)
+                if not holders:
+                    del self.routes[user]
+        ROUTED_USERS.set(len(self.routes))
+
+    def route(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        links = self.links
+        for envelope in envelopes:
+            origin = envelope.origin_node_id
+            if envelope.broadcast or self.mode == "broadcast":
+                for node_id, link in links.items():
+                    if node_id != origin:
+                        link.put(envelope)
+                continue
+            holders = self.routes.get(envelope.recipient)
+            if not holders:
+                UNROUTED.inc()
+                continue
+            for node_id in holders:
+                if node_id != origin:
+                    links[node_id].put(envelope)

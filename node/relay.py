@@ -1,0 +1,304 @@
+"""The node's side of the dispatcher layer: one Subscribe stream to every dispatcher in etcd
+(routing reports out, envelopes in) and batched publishing to one of them, with failover."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+
+import grpc
+import grpc.aio
+from prometheus_client import Counter
+
+from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
+
+__all__ = ["DispatcherRelay"]
+
+log = logging.getLogger("pigeon.node.relay")
+
+RECEIVED = Counter("pigeon_node_envelopes_received", "Envelopes received from dispatchers")
+PUBLISHED = Counter("pigeon_node_envelopes_published", "Envelopes handed to a dispatcher")
+PUBLISH_FAILURES = Counter(
+    "pigeon_node_publish_failures", "Publishes to a dispatcher that failed", ["dispatcher_id"]
+)
+DROPPED = Counter(
+    "pigeon_node_envelopes_dropped",
+    "Envelopes dropped with no dispatcher (recipients recover them from the store)",
+)
+
+OUTBOX_LIMIT = 100_000
+PUBLISH_BATCH = 1024
+
+
+class _Link:
+    """The stream to one dispatcher and the routing changes not yet reported on it."""
+
+    def __init__(self, dispatcher_id: str, address: str) -> None:
+        self.dispatcher_id = dispatcher_id
+        self.address = address
+        self.added: set[str] = set()
+        self.removed: set[str] = set()
+        self.connected = False
+        self.sent_version = 0
+        self.applied_version = 0
+        self.changed = asyncio.Event()
+        self.applied = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def add(self, user_id: str) -> None:
+        self.removed.discard(user_id)
+        self.added.add(user_id)
+        self.changed.set()
+
+    def remove(self, user_id: str) -> None:
+        self.added.discard(user_id)
+        self.removed.add(user_id)
+        self.changed.set()
+
+    @property
+    def target(self) -> int:
+        """The report version that will cover every change made so far."""
+        return self.sent_version + 1 if (self.added or self.removed) else self.sent_version
+
+
+class DispatcherRelay:
+    """Connects a node to every dispatcher it finds.
+
+    Args:
+        node_id: this node's id (reported on every stream).
+        cluster_secret: sent as the bearer token of internal calls.
+        dispatchers: the live dispatchers by id (the etcd view), read on every change check.
+        users: the users this node holds now (for full reports).
+        deliver: called with envelopes received from a dispatcher.
+        report_interval: seconds over which routing changes are batched into one report.
+        publish_timeout: seconds a publish may take before the next dispatcher is tried.
+        channel: makes a channel to a dispatcher address (TLS or not).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        cluster_secret: str,
+        dispatchers: Callable[[], Mapping[str, types_pb2.DispatcherInfo]],
+        users: Callable[[], Iterable[str]],
+        deliver: Callable[[Sequence[dispatcher_pb2.Envelope]], None],
+        report_interval: float = 0.02,
+        publish_timeout: float = 1.0,
+        channel: Callable[[str], grpc.aio.Channel] = grpc.aio.insecure_channel,
+        check_interval: float = 0.2,
+        ready_timeout: float = 2.0,
+    ) -> None:
+        self._node_id = node_id
+        self._metadata = (("authorization", f"Bearer {cluster_secret}"),)
+        self._dispatchers = dispatchers
+        self._users = users
+        self._deliver = deliver
+        self._report_interval = report_interval
+        self._publish_timeout = publish_timeout
+        self._channel = channel
+        self._check_interval = check_interval
+        self._ready_timeout = ready_timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._links: dict[str, _Link] = {}
+        self._outbox: list[dispatcher_pb2.Envelope] = []
+        self._outbox_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> DispatcherRelay:
+        self._tasks = [
+            asyncio.create_task(self._supervise(), name="relay-supervisor"),
+            asyncio.create_task(self._publish_loop(), name="relay-publisher"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tasks = [*self._tasks, *(link.task for link in self._links.values() if link.task)]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
+
+    # The Relay protocol (called by the node core).
+
+    def relay(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        if not self._dispatchers():
+            DROPPED.inc(len(envelopes))
+            return
+        self._outbox.extend(envelopes)
+        if len(self._outbox) > OUTBOX_LIMIT:
+            # Dispatchers unreachable for long: keep memory bounded; the messages are stored.
+            excess = len(self._outbox) - OUTBOX_LIMIT
+            del self._outbox[:excess]
+            DROPPED.inc(excess)
+        self._outbox_ready.set()
+
+    def user_added(self, user_id: str) -> None:
+        for link in self._links.values():
+            link.add(user_id)
+
+    def user_removed(self, user_id: str) -> None:
+        for link in self._links.values():
+            link.remove(user_id)
+
+    async def routes_ready(self) -> None:
+        """Wait until every connected dispatcher has applied the routing changes made so far,
+        so a message stored after this returns is routed here (bounded: a dispatcher that does
+        not answer in time is not waited for)."""
+        targets = [(link, link.target) for link in self._links.values() if link.connected]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._ready_timeout):
+                for link, target in targets:
+                    while link.connected and link.applied_version < target:
+                        link.applied.clear()
+                        await link.applied.wait()
+
+    # Streams to dispatchers.
+
+    def _channel_to(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channel(address)
+            self._channels[address] = channel
+        return channel
+
+    async def _supervise(self) -> None:
+        while True:
+            live = self._dispatchers()
+            for dispatcher_id, info in live.items():
+                link = self._links.get(dispatcher_id)
+                if link is None or link.address != info.address:
+                    if link is not None and link.task is not None:
+                        link.task.cancel()
+                    link = _Link(dispatcher_id, info.address)
+                    link.task = asyncio.create_task(self._run_link(link))
+                    self._links[dispatcher_id] = link
+                    log.info("subscribing to dispatcher %s at %s", dispatcher_id, info.address)
+            for dispatcher_id in list(self._links):
+                if dispatcher_id not in live:
+                    link = self._links.pop(dispatcher_id)
+                    if link.task is not None:
+                        link.task.cancel()
+                    log.info("dispatcher %s left", dispatcher_id)
+            await asyncio.sleep(self._check_interval)
+
+    async def _run_link(self, link: _Link) -> None:
+        delay = 0.05
+        while True:
+            stub = dispatcher_pb2_grpc.DispatcherStub(self._channel_to(link.address))
+            call = stub.Subscribe(self._reports(link), metadata=self._metadata)
+            try:
+                async for reply in call:
+                    if not link.connected:
+                        link.connected = True
+                        delay = 0.05
+                    if reply.applied_report_version > link.applied_version:
+                        link.applied_version = reply.applied_report_version
+                        link.applied.set()
+                    if reply.envelopes:
+                        RECEIVED.inc(len(reply.envelopes))
+                        self._deliver(reply.envelopes)
+                log.warning("dispatcher %s ended the stream; resubscribing", link.dispatcher_id)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "stream to dispatcher %s broke (%s); resubscribing",
+                    link.dispatcher_id,
+                    exc.code().name,
+                )
+            finally:
+                call.cancel()
+                link.connected = False
+                link.applied.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _reports(
+        self, link: _Link
+    ) -> AsyncIterator[dispatcher_pb2.DispatcherSubscribeRequest]:
+        # A new stream starts from a full report: the dispatcher forgot this node when the last
+        # one ended.
+        link.added.clear()
+        link.removed.clear()
+        link.sent_version += 1
+        link.applied_version = 0
+        yield dispatcher_pb2.DispatcherSubscribeRequest(
+            node_id=self._node_id,
+            report=dispatcher_pb2.RoutingReport(full=True, added=list(self._users())),
+            report_version=link.sent_version,
+        )
+        while True:
+            await link.changed.wait()
+            # Gather the changes of a short window into one report.
+            await asyncio.sleep(self._report_interval)
+            link.changed.clear()
+            added, removed = list(link.added), list(link.removed)
+            link.added.clear()
+            link.removed.clear()
+            link.sent_version += 1
+            yield dispatcher_pb2.DispatcherSubscribeRequest(
+                report=dispatcher_pb2.RoutingReport(added=added, removed=removed),
+                report_version=link.sent_version,
+            )
+
+    # Publishing.
+
+    def _publish_order(self) -> list[types_pb2.DispatcherInfo]:
+        """Dispatchers in the order this node tries them: spread nodes over dispatchers."""
+
+        def weight(info: types_pb2.DispatcherInfo) -> bytes:
+            return hashlib.blake2b(
+                f"{self._node_id}\x00{info.dispatcher_id}".encode(), digest_size=8
+            ).digest()
+
+        return sorted(self._dispatchers().values(), key=weight, reverse=True)
+
+    async def _publish_loop(self) -> None:
+        failed: set[str] = set()
+        while True:
+            await self._outbox_ready.wait()
+            if not self._outbox:
+                self._outbox_ready.clear()
+                continue
+            batch = self._outbox[:PUBLISH_BATCH]
+            request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
+            order = self._publish_order()
+            # Those that failed lately go last, not out: one of them may be the only one left.
+            order.sort(key=lambda info: info.dispatcher_id in failed)
+            for info in order:
+                stub = dispatcher_pb2_grpc.DispatcherStub(self._channel_to(info.address))
+                try:
+                    await stub.Publish(
+                        request, metadata=self._metadata, timeout=self._publish_timeout
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    failed.add(info.dispatcher_id)
+                    PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
+                    log.warning(
+                        "publish to dispatcher %s failed (%s); trying the next",
+                        info.dispatcher_id,
+                        exc.code().name,
+                    )
+                    continue
+                failed.discard(info.dispatcher_id)
+                del self._outbox[: len(batch)]
+                PUBLISHED.inc(len(batch))
+                break
+            else:
+                if not order:
+                    DROPPED.inc(len(self._outbox))
+                    self._outbox.clear()
+                # Every dispatcher refused: wait a little before the next round.
+                await asyncio.sleep(0.1)
