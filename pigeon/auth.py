@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pigeon.config import JWT_ALGORITHMS, GateConfig
-from pigeon.errors import ConfigError, Unauthenticated
+from pigeon.errors import ConfigError, PermissionDenied, Unauthenticated
 
 __all__ = [
     "MAX_USER_ID_LENGTH",
@@ -558,6 +558,15 @@ def _digest(value: str) -> bytes:
     return hashlib.sha256(value.encode()).digest()
 
 
+def _looks_like_jwt(token: str) -> bool:
+    """Whether a string parses as a JWT (header.payload.signature with a JSON header)."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return False
+    return "alg" in header
+
+
 class ApiKeys:
     """The API keys that system senders and operators present.
 
@@ -597,6 +606,7 @@ class ApiKeys:
 
         Raises:
             Unauthenticated: ``API_KEY_MISSING`` or ``API_KEY_INVALID``.
+            PermissionDenied: ``TOKEN_NOT_API_KEY`` for a user or session JWT.
         """
         if not token:
             raise _fail("missing API key", "API_KEY_MISSING")
@@ -607,6 +617,12 @@ class ApiKeys:
             if hmac.compare_digest(digest, key_digest):
                 found = key_id
         if found is None:
+            if _looks_like_jwt(token):
+                raise PermissionDenied(
+                    "a user or session token is not an API key: system calls need an API key "
+                    "from PIGEON_API_KEYS",
+                    reason="TOKEN_NOT_API_KEY",
+                )
             if not self._keys:
                 raise _fail(
                     "invalid API key: this server has no API keys configured", "API_KEY_INVALID"

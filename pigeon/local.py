@@ -175,6 +175,7 @@ class LocalCluster:
         self._dispatcher_env = dict(dispatcher_env or {})
         self.dispatchers = [self._dispatcher(i + 1) for i in range(dispatchers)]
         self.gate = self._process("gate", "gate", {}, gate_port, gate_http_port)
+        self.gates = [self.gate]
         self.nodes = [
             self._process(
                 f"node-{i + 1}",
@@ -203,6 +204,14 @@ class LocalCluster:
         dispatcher.wait_healthy(timeout)
         return dispatcher
 
+    def add_gate(self, timeout: float = 30.0) -> ServiceProcess:
+        """Start another Gate beside the first (Gates are stateless) and wait until healthy."""
+        gate = self._process(f"gate-{len(self.gates) + 1}", "gate", {})
+        self.gates.append(gate)
+        gate.start()
+        gate.wait_healthy(timeout)
+        return gate
+
     def _process(
         self, name: str, module: str, env: dict[str, str], port: int = 0, http_port: int = 0
     ) -> ServiceProcess:
@@ -220,7 +229,7 @@ class LocalCluster:
     @property
     def services(self) -> list[ServiceProcess]:
         """Every service process, in start order."""
-        return [*self.dispatchers, self.gate, *self.nodes]
+        return [*self.dispatchers, *self.gates, *self.nodes]
 
     def start(self, timeout: float = 30.0) -> None:
         """Start everything and wait until every service reports SERVING."""
