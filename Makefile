@@ -6,13 +6,14 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 PY_SOURCES := pigeon gate node dispatcher tests scripts
 
-.PHONY: help setup run test check gen lint-protos clean
+.PHONY: help setup run test check gen docs lint-protos clean
 
 help:
 	@echo "make run     start a local cluster (etcd, dispatcher, gate, two nodes) on SQLite"
 	@echo "make test    run the checks and the whole test suite"
 	@echo "make check   ruff format, ruff check, mypy --strict, buf lint, stub drift"
 	@echo "make gen     regenerate pigeon/v1 from protos/"
+	@echo "make docs    regenerate the configuration reference in README.md"
 
 # The virtual environment and the pinned dependencies, re-made when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -33,6 +34,9 @@ run: $(STAMP)
 gen: $(STAMP)
 	$(BIN)/python scripts/gen_protos.py
 
+docs: $(STAMP)
+	$(BIN)/python scripts/gen_docs.py
+
 lint-protos: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
@@ -42,6 +46,7 @@ check: $(STAMP) lint-protos
 	$(BIN)/ruff check $(PY_SOURCES)
 	$(BIN)/mypy pigeon gate node dispatcher
 	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/gen_docs.py --check
 
 test: check
 	$(BIN)/python -m pytest

@@ -51,6 +51,7 @@ __all__ = [
     "env_var",
     "known_env_vars",
     "load_config",
+    "reference_markdown",
 ]
 
 ENV_PREFIX = "PIGEON_"
@@ -898,3 +899,34 @@ def load_config(
         from_file = _values_from_toml(cls, _read_toml(path, source), path)
 
     return cls(**{**from_file, **from_env, **from_flags})
+
+
+def reference_markdown() -> str:
+    """The configuration reference as Markdown tables (one per service), for the README."""
+    parts = []
+    common = _specs(CommonConfig)
+    groups: list[tuple[str, type[CommonConfig], list[str]]] = [
+        ("Every service (top level of the TOML file)", CommonConfig, list(common))
+    ]
+    for section, svc in _SERVICES.items():
+        # Its own settings, and common ones whose default differs here (the ports).
+        own = [
+            name
+            for name, spec in _specs(svc).items()
+            if name not in common or spec.default != common[name].default
+        ]
+        groups.append((f"`python -m {section}` (the `[{section}]` table)", svc, own))
+    for title, svc, names in groups:
+        specs = _specs(svc)
+        rows = [
+            f"**{title}**",
+            "",
+            "| setting | env var | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        for name in names:
+            spec = specs[name]
+            help_text = spec.help.replace("|", "\\|")
+            rows.append(f"| `{name}` | `{env_var(name)}` | `{_default_text(spec)}` | {help_text} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts) + "\n"
