@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import sys
@@ -23,6 +25,19 @@ __all__ = ["main", "serve"]
 log = logging.getLogger("pigeon.dispatcher")
 
 DISPATCHER = dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name
+
+
+async def _report(
+    registration: Registration,
+    info: types_pb2.DispatcherInfo,
+    router: Router,
+) -> None:
+    """Keep the number of subscribed nodes in etcd current, for `pigeon nodes` and ops."""
+    while True:
+        await asyncio.sleep(2.0)
+        if info.subscribed_nodes != len(router.links):
+            info.subscribed_nodes = len(router.links)
+            await registration.update(encode(info))
 
 
 async def serve(config: DispatcherConfig) -> int:
@@ -55,9 +70,15 @@ async def serve(config: DispatcherConfig) -> int:
             encode(info),
             ttl=config.lease_ttl,
             timeout=config.etcd_timeout,
-        ):
+        ) as registration:
             log.info("dispatcher %s serving gRPC on %s", dispatcher_id, listeners.address)
-            await wait_for_stop()
+            reporter = asyncio.create_task(_report(registration, info, router))
+            try:
+                await wait_for_stop()
+            finally:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
     return 0
 
 
