@@ -209,6 +209,37 @@ class CommonConfig:
             minimum=0,
         ),
     )
+    tls_ca: str = field(
+        default="",
+        metadata=_rules(
+            "PEM file of the CA that signed the cluster's certificates; when set, calls to other "
+            "Pigeon processes (gate -> node, node -> dispatcher) use TLS and verify against it"
+        ),
+    )
+    user_rate: float = field(
+        default=100.0,
+        metadata=_rules(
+            "requests per second one user may make to this process (sustained); 0 turns the "
+            "limit off",
+            minimum=0,
+        ),
+    )
+    user_burst: int = field(
+        default=200,
+        metadata=_rules("requests one user may make at once above user_rate", minimum=1),
+    )
+    key_rate: float = field(
+        default=2000.0,
+        metadata=_rules(
+            "requests per second one API key may make to this process (sustained); 0 turns the "
+            "limit off",
+            minimum=0,
+        ),
+    )
+    key_burst: int = field(
+        default=4000,
+        metadata=_rules("requests one API key may make at once above key_rate", minimum=1),
+    )
 
     def __post_init__(self) -> None:
         """Check every value and the rules that span fields.

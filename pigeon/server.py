@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from pigeon.auth import bearer_token
 from pigeon.errors import Internal, PigeonError, Unauthenticated, abort
+from pigeon.ratelimit import RateLimiter
 
 __all__ = [
     "PUBLIC",
@@ -128,8 +129,11 @@ class _Interceptor(_InterceptorBase):
     someone decides who may call it. Other services (health, reflection) are open.
     """
 
-    def __init__(self, policy: Mapping[str, Authenticator]) -> None:
+    def __init__(
+        self, policy: Mapping[str, Authenticator], limits: Mapping[str, RateLimiter]
+    ) -> None:
         self._policy = policy
+        self._limits = limits
 
     async def intercept_service(
         self,
@@ -143,7 +147,7 @@ class _Interceptor(_InterceptorBase):
         authenticate = _lookup(self._policy, method)
         if authenticate is None:
             authenticate = _refuse
-        return _wrap(handler, method, authenticate)
+        return _wrap(handler, method, authenticate, self._limits)
 
 
 def _refuse(_token: str | None) -> Principal:
@@ -151,13 +155,20 @@ def _refuse(_token: str | None) -> Principal:
 
 
 def _wrap(
-    handler: Any, method: str, authenticate: Authenticator
+    handler: Any,
+    method: str,
+    authenticate: Authenticator,
+    limits: Mapping[str, RateLimiter],
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of the handler whose behaviour authenticates first and converts errors."""
+    """A copy of the handler whose behaviour authenticates (and rate-limits) first and converts
+    errors."""
 
     async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         try:
             principal = authenticate(bearer_token(context.invocation_metadata()))
+            limiter = limits.get(principal.kind)
+            if limiter is not None:
+                limiter.take(principal.id)
         except PigeonError as exc:
             RPCS.labels(method, exc.code.name).inc()
             await abort(context, exc)
@@ -250,8 +261,10 @@ class GrpcServer:
         auth: Mapping[str, Authenticator] | None = None,
         tls: TlsFiles | None = None,
         grace: float = 5.0,
+        limits: Mapping[str, RateLimiter] | None = None,
     ) -> None:
         self._services = list(services)
+        self._limits = dict(limits or {})
         self._host = host
         self._requested_port = port
         self._auth = dict(auth or {})
@@ -262,7 +275,9 @@ class GrpcServer:
         self.port = 0
 
     async def __aenter__(self) -> GrpcServer:
-        server = grpc.aio.server(interceptors=[_Interceptor(self._auth)], options=server_options())
+        server = grpc.aio.server(
+            interceptors=[_Interceptor(self._auth, self._limits)], options=server_options()
+        )
         for service in self._services:
             service.add(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

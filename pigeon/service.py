@@ -13,6 +13,7 @@ from starlette.routing import BaseRoute
 
 from pigeon.config import CommonConfig
 from pigeon.http import HttpServer, base_routes
+from pigeon.ratelimit import RateLimiter
 from pigeon.runtime import freeze_heap, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
@@ -52,6 +53,10 @@ async def listen(
         auth=auth,
         tls=tls_files(config),
         grace=config.grace_period,
+        limits={
+            "user": RateLimiter(config.user_rate, config.user_burst, "user"),
+            "system": RateLimiter(config.key_rate, config.key_burst, "key"),
+        },
     ) as grpc_server:
         serving = [True]
         http_routes = [*base_routes(lambda: serving[0]), *routes]

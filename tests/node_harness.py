@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,7 @@ from node.core import NodeCore
 from node.servicer import NodeServicer
 from node.store.base import Store
 from pigeon.auth import ApiKeys, SessionTokens
+from pigeon.ratelimit import RateLimiter
 from pigeon.server import GrpcServer, Principal, Service
 from pigeon.v1 import node_pb2, node_pb2_grpc
 
@@ -43,7 +44,9 @@ class RunningNode:
 
 
 @contextlib.asynccontextmanager
-async def running_node(store: Store, **core_options: Any) -> AsyncIterator[RunningNode]:
+async def running_node(
+    store: Store, *, limits: Mapping[str, RateLimiter] | None = None, **core_options: Any
+) -> AsyncIterator[RunningNode]:
     """A NodeCore on `store` behind the real servicer, interceptor and gRPC server."""
     sessions = SessionTokens(CLUSTER_SECRET)
     keys = ApiKeys([API_KEY])
@@ -58,7 +61,10 @@ async def running_node(store: Store, **core_options: Any) -> AsyncIterator[Runni
         servicer = NodeServicer(core)
         service = Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))
         async with GrpcServer(
-            [service], auth={f"/{NODE}/Publish": system, f"/{NODE}/": user}, grace=1
+            [service],
+            auth={f"/{NODE}/Publish": system, f"/{NODE}/": user},
+            grace=1,
+            limits=limits,
         ) as server:
             running = RunningNode(core, f"127.0.0.1:{server.port}", sessions)
             try:

@@ -1,0 +1,66 @@
+"""Per-user and per-key rate limits: RESOURCE_EXHAUSTED with the delay to wait."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_status import rpc_status
+
+from node.store.memory import MemoryStore
+from pigeon.errors import ResourceExhausted
+from pigeon.ratelimit import RateLimiter
+from pigeon.v1 import node_pb2
+from tests.node_harness import running_node
+
+
+@pytest.mark.unit
+def test_a_bucket_allows_its_burst_then_says_how_long_to_wait() -> None:
+    limiter = RateLimiter(rate=10, burst=3, kind="user")
+    for _ in range(3):
+        limiter.take("alice")
+    with pytest.raises(ResourceExhausted) as caught:
+        limiter.take("alice")
+    assert 0 < caught.value.retry_after <= 0.1
+    assert "retry after" in caught.value.message
+    # Another caller has a bucket of their own.
+    limiter.take("bob")
+
+
+@pytest.mark.unit
+def test_a_zero_rate_means_no_limit() -> None:
+    limiter = RateLimiter(rate=0, burst=1, kind="key")
+    for _ in range(1000):
+        limiter.take("k")
+
+
+@pytest.mark.integration
+async def test_a_user_over_the_limit_gets_resource_exhausted_and_others_do_not() -> None:
+    limits = {
+        "user": RateLimiter(rate=1, burst=5, kind="user"),
+        "system": RateLimiter(rate=1, burst=2, kind="key"),
+    }
+    async with running_node(MemoryStore(), limits=limits) as node:
+        stub = node.stub()
+        request = node_pb2.GetUnreadCountRequest()
+        for _ in range(5):
+            await stub.GetUnreadCount(request, metadata=node.as_user("greedy"))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.GetUnreadCount(request, metadata=node.as_user("greedy"))
+        error = caught.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "retry after" in (error.details() or "")
+        status = await rpc_status.aio.from_call(
+            stub.GetUnreadCount(request, metadata=node.as_user("greedy"))
+        )
+        assert status is not None
+        kinds = {detail.type_url.rsplit(".", 1)[-1] for detail in status.details}
+        assert {"ErrorInfo", "RetryInfo"} <= kinds
+        # Someone else is served as usual.
+        await stub.GetUnreadCount(request, metadata=node.as_user("polite"))
+        publish = node_pb2.NodePublishRequest(to=["x"], body="hi")
+        for _ in range(2):
+            await stub.Publish(publish, metadata=node.as_system())
+        with pytest.raises(grpc.aio.AioRpcError) as by_key:
+            await stub.Publish(publish, metadata=node.as_system())
+        assert by_key.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
