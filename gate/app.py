@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 import grpc.aio
 
@@ -13,7 +14,7 @@ from pigeon.config import GateConfig, load_config
 from pigeon.membership import ClusterView
 from pigeon.runtime import configure_logging, run
 from pigeon.server import PUBLIC, Principal, Service
-from pigeon.service import listen, wait_for_stop
+from pigeon.service import channel_factory, listen, wait_for_stop
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["main", "serve"]
@@ -26,13 +27,14 @@ GATE = gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name
 class _Channels:
     """One channel per node address, reused across calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, make: Callable[[str], grpc.aio.Channel]) -> None:
+        self._make = make
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address)
+            channel = self._make(address)
             self._channels[address] = channel
         return channel
 
@@ -50,7 +52,7 @@ async def serve(config: GateConfig) -> int:
         return Principal("system", api_keys.check(token))
 
     user_tokens = UserTokenVerifier.from_config(config)
-    channels = _Channels()
+    channels = _Channels(channel_factory(config))
     async with ClusterView(
         config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
     ) as view:

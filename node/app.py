@@ -22,7 +22,7 @@ from pigeon.membership import ClusterView, encode, node_key, now_timestamp
 from pigeon.registry import Registration
 from pigeon.runtime import configure_logging, run
 from pigeon.server import Authenticator, Principal, Service
-from pigeon.service import listen, wait_for_stop
+from pigeon.service import channel_factory, listen, wait_for_stop
 from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["main", "serve"]
@@ -101,6 +101,7 @@ async def serve(config: NodeConfig) -> int:
                 users=core.pool.users,
                 deliver=core.receive,
                 report_interval=config.routing_report_interval_ms / 1000,
+                channel=channel_factory(config),
             ) as relay,
         ):
             core.relay = relay

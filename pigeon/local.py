@@ -93,7 +93,13 @@ class ServiceProcess:
     def wait_healthy(self, timeout: float) -> None:
         """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        ca = self.env.get("PIGEON_TLS_CA")
+        channel = (
+            grpc.secure_channel(self.address, grpc.ssl_channel_credentials(Path(ca).read_bytes()))
+            if ca
+            else grpc.insecure_channel(self.address)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not self.alive:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
+import grpc.aio
 from starlette.routing import BaseRoute
 
 from pigeon.config import CommonConfig
@@ -17,7 +20,7 @@ from pigeon.ratelimit import RateLimiter
 from pigeon.runtime import freeze_heap, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
-__all__ = ["Listeners", "listen", "wait_for_stop"]
+__all__ = ["Listeners", "channel_factory", "listen", "tls_files", "wait_for_stop"]
 
 log = logging.getLogger("pigeon.service")
 
@@ -30,6 +33,19 @@ class Listeners:
     http: HttpServer
     address: str
     http_address: str
+
+
+def channel_factory(config: CommonConfig) -> Callable[[str], grpc.aio.Channel]:
+    """How this process opens channels to other Pigeon processes: TLS verified against tls_ca
+    when it is set, plaintext otherwise."""
+    if not config.tls_ca:
+        return grpc.aio.insecure_channel
+    credentials = grpc.ssl_channel_credentials(Path(config.tls_ca).read_bytes())
+
+    def secure(address: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(address, credentials)
+
+    return secure
 
 
 def tls_files(config: CommonConfig) -> TlsFiles | None:
