@@ -40,7 +40,7 @@ def make_store(config: NodeConfig) -> Store:
         return MongoStore(config.mongodb_uri, config.mongodb_database)
     from node.store.sqlite import SqliteStore
 
-    return SqliteStore(config.sqlite_path)
+    return SqliteStore(config.sqlite_path, synchronous=config.sqlite_synchronous)
 
 
 def limits_of(config: NodeConfig) -> Limits:

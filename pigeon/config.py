@@ -354,6 +354,14 @@ class NodeConfig(CommonConfig):
         default="pigeon.db",
         metadata=_rules("SQLite database file (store=sqlite)", nonempty=True),
     )
+    sqlite_synchronous: str = field(
+        default="full",
+        metadata=_rules(
+            "SQLite durability: full syncs every commit (an acknowledged message survives a "
+            "power loss); normal syncs at checkpoints (survives process crashes only)",
+            choices=("full", "normal"),
+        ),
+    )
     mongodb_uri: str = field(
         default="mongodb://127.0.0.1:27017",
         # Connection strings routinely embed a password.

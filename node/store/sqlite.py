@@ -125,11 +125,17 @@ class SqliteStore:
         path: the database file; created with its schema on ``open`` if missing.
         busy_timeout: seconds a write waits for another process's write transaction on the same
             file before it fails with StoreError.
+        synchronous: "full" (the default) syncs the WAL at every commit, so an acknowledged
+            message survives a power loss; "normal" syncs at checkpoints only (survives any
+            process crash, but the last commits before a power loss can roll back).
     """
 
-    def __init__(self, path: str, *, busy_timeout: float = 10.0) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 10.0, synchronous: str = "full") -> None:
+        if synchronous not in ("full", "normal"):
+            raise ValueError(f"synchronous must be full or normal, not {synchronous!r}")
         self._path = path
         self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
         self._write_conn: sqlite3.Connection | None = None
@@ -197,11 +203,10 @@ class SqliteStore:
                     f"SQLite store {self._path!r} cannot use WAL (journal mode {mode!r}); "
                     "give it a file on a local disk"
                 )
-            # In WAL mode, NORMAL syncs the WAL at checkpoints, not at every commit: a committed
-            # transaction survives a crash of any process (it is in the OS's hands, and the file
-            # never corrupts), but the last commits before a power loss or kernel crash can roll
-            # back. FULL would close that window at one fsync per commit.
-            conn.execute("PRAGMA synchronous = NORMAL")
+            # "Acknowledged means durable": FULL syncs the WAL at every commit (one fsync per
+            # group commit, not per message). NORMAL, if chosen, survives any process crash but
+            # may lose the last commits on a power loss.
+            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
             # A batch of messages to many users dirties a page per user in each inbox index, so
             # a commit writes hundreds of pages to the WAL; at the default of 1,000 pages a
             # checkpoint (two fsyncs) ran every few commits and took half the append time.
