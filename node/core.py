@@ -488,27 +488,13 @@ class NodeCore:
                 event.heartbeat.sent_at.GetCurrentTime()
                 yield event
                 continue
-            inbox = sorted(
-                (
-                    m
-                    for m in batch.messages
-                    if m.kind != types_pb2.MESSAGE_KIND_BROADCAST and m.seq > seq
-                ),
-                key=lambda m: m.seq,
-            )
-            broadcasts = sorted(
-                (
-                    m
-                    for m in batch.messages
-                    if m.kind == types_pb2.MESSAGE_KIND_BROADCAST and m.seq > broadcast_seq
-                ),
-                key=lambda m: m.seq,
-            )
+            inbox = _after(batch.messages, seq, broadcast=False)
+            broadcasts = _after(batch.messages, broadcast_seq, broadcast=True)
             # A message relayed from another node can overtake an older one; fill the gap
             # from the store so the stream stays in seq order with nothing missing.
-            if inbox and inbox[0].seq != seq + 1:
+            if inbox and inbox[-1].seq - seq != len(inbox):
                 inbox = await self._fill(user_id, seq, inbox, broadcast=False)
-            if broadcasts and broadcasts[0].seq != broadcast_seq + 1:
+            if broadcasts and broadcasts[-1].seq - broadcast_seq != len(broadcasts):
                 broadcasts = await self._fill(user_id, broadcast_seq, broadcasts, broadcast=True)
             if inbox:
                 seq = inbox[-1].seq
@@ -561,6 +547,18 @@ async def _read(call: Awaitable[T]) -> T:
         raise Unavailable(
             f"the message store is unavailable; retry: {exc}", reason="STORE_UNAVAILABLE"
         ) from exc
+
+
+def _after(
+    messages: list[types_pb2.Message], cursor: int, *, broadcast: bool
+) -> list[types_pb2.Message]:
+    """The messages of one stream newer than the cursor, in seq order, each seq once."""
+    newer = {
+        m.seq: m
+        for m in messages
+        if (m.kind == types_pb2.MESSAGE_KIND_BROADCAST) == broadcast and m.seq > cursor
+    }
+    return [newer[k] for k in sorted(newer)]
 
 
 def _start(cursor: int | None, head: int, name: str) -> int:

@@ -290,8 +290,8 @@ async def test_bad_requests_get_clear_errors(node: RunningNode) -> None:
     )
     await expect_error(
         stub.Publish(node_pb2.NodePublishRequest(to=["bob"], body="x"), metadata=me),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "API key",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "not an API key",
     )
     # The node still serves.
     assert await send(node, "alice", ["bob"], "still here")
