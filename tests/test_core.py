@@ -1,0 +1,157 @@
+"""The node's core with the in-memory store: ordering, gap filling, group commit, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from node.commit import GroupCommit
+from node.convert import to_proto
+from node.core import NodeCore
+from node.store.base import Entry, Kind, NewMessage
+from node.store.memory import MemoryStore
+from node.validate import Outgoing
+from pigeon.errors import Unavailable
+from pigeon.v1 import dispatcher_pb2, node_pb2
+
+pytestmark = pytest.mark.unit
+
+
+def outgoing(to: str, body: str) -> Outgoing:
+    return Outgoing(to=(to,), title="", body=body, metadata={})
+
+
+class Reader:
+    """Reads a core stream in the background."""
+
+    def __init__(self, events: AsyncIterator[node_pb2.SubscribeResponse]) -> None:
+        self.events: list[node_pb2.SubscribeResponse] = []
+        self._source = events
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for event in self._source:
+            self.events.append(event)
+
+    def seqs(self) -> list[int]:
+        return [m.seq for e in self.events for m in e.messages]
+
+    async def until(self, predicate, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+def replayed(reader: Reader) -> bool:
+    return any(e.HasField("replay_done") for e in reader.events)
+
+
+async def test_a_message_stored_elsewhere_is_filled_in_before_a_newer_local_one() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        reader = Reader(core.subscribe("bob", None, None))
+        await reader.until(replayed)
+        # Another node stores seq 1 for bob; its relay has not arrived yet.
+        other = NewMessage("other-1", "carol", Kind.USER, ("bob",), "", "from B", {}, 1)
+        await store.append([other])
+        await core.send("alice", [outgoing("bob", "from A")])
+        await reader.until(lambda r: r.seqs() == [1, 2])
+        # The late relay of seq 1 is a duplicate now and is dropped.
+        entry = Entry("other-1", 1, "carol", Kind.USER, "", "from B", {}, 1, False, "bob")
+        core.receive([dispatcher_pb2.Envelope(recipient="bob", message=to_proto(entry))])
+        await core.send("alice", [outgoing("bob", "again")])
+        await reader.until(lambda r: r.seqs() == [1, 2, 3])
+        await reader.stop()
+
+
+async def test_replay_then_live_has_no_gap_and_no_duplicate() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        for i in range(300):
+            await core.send("alice", [outgoing("bob", f"old {i}")])
+        sending = asyncio.gather(
+            *(core.send("alice", [outgoing("bob", f"new {i}")]) for i in range(100))
+        )
+        reader = Reader(core.subscribe("bob", 0, None))
+        await sending
+        await reader.until(lambda r: len(r.seqs()) >= 400)
+        await asyncio.sleep(0.05)
+        assert reader.seqs() == list(range(1, 401))
+        await reader.stop()
+
+
+async def test_concurrent_sends_share_transactions() -> None:
+    store = MemoryStore()
+    sizes: list[int] = []
+    original = store.append
+
+    async def recording(batch: Sequence[NewMessage]):
+        sizes.append(len(batch))
+        await asyncio.sleep(0.01)  # a write that takes a while, as a real one does
+        return await original(batch)
+
+    store.append = recording  # type: ignore[method-assign]
+    async with NodeCore(store, node_id="n1", batch_max_size=64) as core:
+        await asyncio.gather(*(core.send("alice", [outgoing("bob", str(i))]) for i in range(200)))
+    assert sum(sizes) == 200
+    assert max(sizes) == 64 and len(sizes) < 10
+
+
+async def test_group_commit_off_writes_one_by_one() -> None:
+    batches: list[int] = []
+
+    async def write(items: Sequence[int]) -> list[int]:
+        batches.append(len(items))
+        await asyncio.sleep(0)
+        return list(items)
+
+    async with GroupCommit(write, max_size=1) as commit:
+        results = await asyncio.gather(*(commit.submit([i]) for i in range(20)))
+    assert results == [[i] for i in range(20)] and set(batches) == {1}
+
+
+async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_delivered() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        reader = Reader(core.subscribe("bob", None, None))
+        await reader.until(replayed)
+        store.fail_writes = True
+        results = await asyncio.gather(
+            *(core.send("alice", [outgoing("bob", str(i))]) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Unavailable) for r in results)
+        assert "nothing was stored" in str(results[0])
+        store.fail_writes = False
+        await core.send("alice", [outgoing("bob", "after")])
+        await reader.until(lambda r: r.seqs() == [1])
+        await reader.stop()
+
+
+async def test_drain_ends_every_stream_with_a_reconnect_hint() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1", heartbeat_interval=5) as core:
+        readers = [Reader(core.subscribe(f"u{i}", None, None)) for i in range(5)]
+        for reader in readers:
+            await reader.until(replayed)
+        started = time.monotonic()
+        await core.drain(grace=5)
+        assert time.monotonic() - started < 1
+        for reader in readers:
+            await reader.task
+            assert reader.events[-1].reconnect.reason == "draining"
+        assert core.pool.connections == 0
+
+
+async def test_heartbeats_keep_an_idle_stream_alive() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1", heartbeat_interval=0.05) as core:
+        reader = Reader(core.subscribe("bob", None, None))
+        await reader.until(lambda r: sum(e.HasField("heartbeat") for e in r.events) >= 3)
+        await reader.stop()
+        assert core.pool.connections == 0
