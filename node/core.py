@@ -20,6 +20,7 @@ from node.convert import new_message_id, to_proto
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Store, Stored, StoreError
 from node.streams import Pool, Stream
 from node.validate import (
+    MAX_SEQ,
     Limits,
     Outgoing,
     check_id,
@@ -395,8 +396,9 @@ class NodeCore:
             self.store.mark_read(
                 user_id,
                 ids=ids,
-                up_to_seq=up_to_seq,
-                up_to_broadcast_seq=up_to_broadcast_seq,
+                # Beyond the newest message means "everything so far"; stores hold 64-bit seqs.
+                up_to_seq=min(up_to_seq, MAX_SEQ),
+                up_to_broadcast_seq=min(up_to_broadcast_seq, MAX_SEQ),
                 everything=everything,
             )
         )

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 from pigeon.errors import InvalidArgument
 
-__all__ = ["Limits", "Outgoing", "decode_page_token", "encode_page_token"]
+__all__ = ["MAX_SEQ", "Limits", "Outgoing", "decode_page_token", "encode_page_token"]
 
 MAX_ID_LENGTH = 128
+# Stores keep seqs as signed 64-bit integers; anything larger cannot name a real message.
+MAX_SEQ = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +186,7 @@ def decode_page_token(token: str) -> tuple[int | None, int | None]:
         if version != "v1":
             raise ValueError(version)
         bounds = int(inbox), int(broadcast)
-        if min(bounds) < 0:
+        if min(bounds) < 0 or max(bounds) > MAX_SEQ:
             raise ValueError(bounds)
         return bounds[0] or None, bounds[1] or None
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:

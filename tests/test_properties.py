@@ -17,10 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gate.servicer import GateServicer
-from node.store.memory import MemoryStore
+from node.validate import encode_page_token
 from pigeon.auth import SessionTokens, UserTokenVerifier, mint_user_token
 from pigeon.server import PUBLIC, GrpcServer, Principal, Service
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, types_pb2
+from tests.conftest_store import make_store
 from tests.node_harness import API_KEY, CLUSTER_SECRET, RunningNode, running_node
 
 pytestmark = pytest.mark.integration
@@ -44,6 +45,14 @@ TEXT = st.one_of(
 )
 
 
+# Page tokens that decode, with numbers from tiny to far beyond 64 bits.
+PAGE_TOKENS = st.builds(
+    encode_page_token,
+    st.one_of(st.integers(0, 10), st.integers(0, 2**70)),
+    st.one_of(st.integers(0, 10), st.integers(0, 2**70)),
+)
+
+
 def strategy_for(descriptor: pb_descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[Any]:
     """A strategy for any message of this type (every field, bounded sizes)."""
     fields: dict[str, st.SearchStrategy[Any]] = {}
@@ -51,7 +60,7 @@ def strategy_for(descriptor: pb_descriptor.Descriptor, depth: int = 0) -> st.Sea
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             fields[field.name] = st.dictionaries(TEXT, TEXT, max_size=4)
             continue
-        one = _scalar(field, depth)
+        one = st.one_of(TEXT, PAGE_TOKENS) if field.name == "page_token" else _scalar(field, depth)
         if one is None:
             continue
         is_repeated = getattr(field, "is_repeated", None)
@@ -67,7 +76,8 @@ def _scalar(field: pb_descriptor.FieldDescriptor, depth: int) -> st.SearchStrate
         return st.booleans()
     if field.type in (FD.TYPE_UINT32, FD.TYPE_UINT64):
         limit = 2**32 - 1 if field.type == FD.TYPE_UINT32 else 2**64 - 1
-        return st.one_of(st.integers(0, 20), st.integers(0, limit))
+        edges = [e for e in (2**31, 2**32 - 1, 2**63 - 1, 2**63, 2**64 - 1) if e <= limit]
+        return st.one_of(st.integers(0, 20), st.sampled_from(edges), st.integers(0, limit))
     if field.type in (FD.TYPE_INT32, FD.TYPE_INT64):
         return st.integers(-(2**31), 2**31 - 1)
     if field.type == FD.TYPE_DOUBLE:
@@ -161,14 +171,20 @@ def loop() -> Any:
         yield runner
 
 
-@pytest.fixture(scope="module")
-def node(loop: asyncio.Runner) -> Any:
-    context = running_node(MemoryStore(), heartbeat_interval=1.0)
+@pytest.fixture(scope="module", params=["sqlite", "mongodb"])
+def node(
+    loop: asyncio.Runner, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Any:
+    uri = request.getfixturevalue("mongo_uri") if request.param == "mongodb" else None
+    store = make_store(request.param, tmp_path_factory.mktemp("props"), uri)
+    loop.run(store.open())
+    context = running_node(store, heartbeat_interval=1.0)
     running: RunningNode = loop.run(context.__aenter__())
     try:
         yield running
     finally:
         loop.run(context.__aexit__(None, None, None))
+        loop.run(store.close())
 
 
 @contextlib.asynccontextmanager
