@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -94,6 +95,10 @@ async def test_every_bad_user_token_is_unauthenticated_with_its_reason(
         token(cluster, "alice", ttl=-120): "expired",
         mint_user_token("another-secret-entirely-0123456789", "alice"): "signature",
         unsigned: "algorithm",
+        token(cluster, "alice", audience="another-app"): "audience",
+        # Valid only from ten minutes on: far beyond the leeway of a skewed clock.
+        token(cluster, "alice", extra={"nbf": int(time.time()) + 600}): "not yet valid",
+        token(cluster, "", extra={"sub": ""}): "sub",
     }
     channel, gate = gate_stub(cluster.gate)
     for bad, says in cases.items():

@@ -11,6 +11,7 @@ import grpc.aio
 import pytest
 
 from node.store.base import Store
+from pigeon.auth import SessionTokens, mint_user_token
 from pigeon.v1 import node_pb2, types_pb2
 from tests.conftest_store import make_store
 from tests.node_harness import Listener, RunningNode, running_node
@@ -292,6 +293,22 @@ async def test_bad_requests_get_clear_errors(node: RunningNode) -> None:
         stub.Publish(node_pb2.NodePublishRequest(to=["bob"], body="x"), metadata=me),
         grpc.StatusCode.PERMISSION_DENIED,
         "not an API key",
+    )
+    forged = SessionTokens("not-the-cluster-secret-0123456789abcdef").issue("alice", "n")
+    await expect_error(
+        stub.GetUnreadCount(
+            node_pb2.GetUnreadCountRequest(), metadata=[("authorization", f"Bearer {forged}")]
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "signature",
+    )
+    user_jwt = mint_user_token("not-the-cluster-secret-0123456789abcdef", "alice")
+    await expect_error(
+        stub.GetUnreadCount(
+            node_pb2.GetUnreadCountRequest(), metadata=[("authorization", f"Bearer {user_jwt}")]
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "",
     )
     # The node still serves.
     assert await send(node, "alice", ["bob"], "still here")
