@@ -211,40 +211,13 @@ class NodeCore:
 
     async def send(self, sender: str, messages: Sequence[Outgoing]) -> list[Stored]:
         """Store messages from a user; returns once they are durable."""
-        now = time.time_ns()
-        return await self._submit(
-            [
-                NewMessage(
-                    id=new_message_id(),
-                    sender=sender,
-                    kind=Kind.USER,
-                    recipients=m.to,
-                    title=m.title,
-                    body=m.body,
-                    metadata=m.metadata,
-                    created_at_ns=now,
-                    idempotency_key=m.idempotency_key,
-                )
-                for m in messages
-            ]
-        )
+        return await self._submit([_new(m, sender, Kind.USER) for m in messages])
 
     async def publish(self, messages: Sequence[Outgoing]) -> list[Stored]:
         """Store messages from a system sender (to users or broadcast)."""
-        now = time.time_ns()
         return await self._submit(
             [
-                NewMessage(
-                    id=new_message_id(),
-                    sender=m.source or SYSTEM_SOURCE,
-                    kind=Kind.BROADCAST if m.broadcast else Kind.SYSTEM,
-                    recipients=m.to,
-                    title=m.title,
-                    body=m.body,
-                    metadata=m.metadata,
-                    created_at_ns=now,
-                    idempotency_key=m.idempotency_key,
-                )
+                _new(m, m.source or SYSTEM_SOURCE, Kind.BROADCAST if m.broadcast else Kind.SYSTEM)
                 for m in messages
             ]
         )
@@ -585,6 +558,20 @@ def _next_bound(taken: list[int], fetched: list[Entry], before: int | None) -> i
     if not fetched:
         return 1
     return before or 0
+
+
+def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
+    return NewMessage(
+        id=new_message_id(),
+        sender=sender,
+        kind=kind,
+        recipients=message.to,
+        title=message.title,
+        body=message.body,
+        metadata=message.metadata,
+        created_at_ns=time.time_ns(),
+        idempotency_key=message.idempotency_key,
+    )
 
 
 def _entry(new: NewMessage, seq: int, recipient: str) -> Entry:

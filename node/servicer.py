@@ -10,7 +10,7 @@ import grpc.aio
 from node.convert import to_proto
 from node.core import NodeCore
 from node.store.base import Kind, ReadFilter
-from node.validate import Outgoing, check_batch, check_outgoing
+from node.validate import Limits, Outgoing, check_batch, check_outgoing
 from pigeon.server import current_principal
 from pigeon.v1 import node_pb2, node_pb2_grpc
 
@@ -37,25 +37,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
 
     async def Send(self, request: node_pb2.SendRequest, context: Context) -> node_pb2.SendResponse:
         sender = current_principal().id
-        limits = self._core.limits
-        single = bool(request.to or request.title or request.body or request.metadata)
-        check_batch(single or bool(request.idempotency_key), request.batch, limits.max_batch)
-        drafts: Sequence[Any] = request.batch or [request]
-        many = bool(request.batch)
-        outgoing = [
-            check_outgoing(
-                limits,
-                to=d.to,
-                title=d.title,
-                body=d.body,
-                metadata=d.metadata,
-                idempotency_key=d.idempotency_key,
-                sender=sender,
-                where=f"batch[{i}]." if many else "",
-            )
-            for i, d in enumerate(drafts)
-        ]
-        stored = await self._core.send(sender, outgoing)
+        stored = await self._core.send(
+            sender, messages_of(self._core.limits, request, sender=sender)
+        )
         reply = node_pb2.SendResponse(message_id=stored[0].id, message_ids=[s.id for s in stored])
         reply.created_at.FromNanoseconds(stored[0].created_at_ns)
         return reply
@@ -63,7 +47,7 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Publish(
         self, request: node_pb2.NodePublishRequest, context: Context
     ) -> node_pb2.NodePublishResponse:
-        stored = await self._core.publish(publications(self._core, request))
+        stored = await self._core.publish(messages_of(self._core.limits, request))
         return node_pb2.NodePublishResponse(
             message_id=stored[0].id, message_ids=[s.id for s in stored]
         )
@@ -121,25 +105,30 @@ _READ = {f.value for f in ReadFilter}
 _KINDS = {k.value for k in Kind}
 
 
-def publications(core: NodeCore, request: node_pb2.NodePublishRequest) -> list[Outgoing]:
-    """The validated messages of a publish request (one message or a batch)."""
-    single = bool(
-        request.to or request.broadcast or request.title or request.body or request.metadata
-    )
-    check_batch(single or bool(request.idempotency_key), request.batch, core.limits.max_batch)
-    many = bool(request.batch)
+def messages_of(
+    limits: Limits,
+    request: node_pb2.SendRequest | node_pb2.NodePublishRequest,
+    *,
+    sender: str = "",
+) -> list[Outgoing]:
+    """The validated messages of a Send or Publish request: its own fields or its batch."""
+    single = any(field.name != "batch" for field, _ in request.ListFields())
+    check_batch(single, request.batch, limits.max_batch)
     items: Sequence[Any] = request.batch or [request]
+    many = bool(request.batch)
     return [
         check_outgoing(
-            core.limits,
-            to=p.to,
-            title=p.title,
-            body=p.body,
-            metadata=p.metadata,
-            idempotency_key=p.idempotency_key,
-            broadcast=p.broadcast,
-            source=p.source,
+            limits,
+            to=m.to,
+            title=m.title,
+            body=m.body,
+            metadata=m.metadata,
+            idempotency_key=m.idempotency_key,
+            # Drafts (from users) have neither.
+            broadcast=getattr(m, "broadcast", False),
+            source=getattr(m, "source", ""),
+            sender=sender,
             where=f"batch[{i}]." if many else "",
         )
-        for i, p in enumerate(items)
+        for i, m in enumerate(items)
     ]

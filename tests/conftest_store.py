@@ -3,6 +3,7 @@ driver over the wire to a secantusdb server) and the in-memory fake."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -47,13 +48,29 @@ def make_store(kind: str, tmp_path: Path, mongo_uri: str | None = None) -> Store
     raise ValueError(kind)
 
 
-@pytest.fixture(params=["memory", "sqlite", "mongodb"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """An opened store of each kind, closed afterwards."""
-    uri = request.getfixturevalue("mongo_uri") if request.param == "mongodb" else None
-    store = make_store(request.param, tmp_path, uri)
+@contextlib.asynccontextmanager
+async def opened_store(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path
+) -> AsyncIterator[Store]:
+    """An opened store of the given kind (starting secantusdb if needed), closed afterwards."""
+    uri = request.getfixturevalue("mongo_uri") if kind == "mongodb" else None
+    store = make_store(kind, tmp_path, uri)
     await store.open()
     try:
         yield store
     finally:
         await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "mongodb"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened store of each kind, closed afterwards."""
+    async with opened_store(request, request.param, tmp_path) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+async def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened store of each production kind, closed afterwards."""
+    async with opened_store(request, request.param, tmp_path) as opened:
+        yield opened

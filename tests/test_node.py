@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -13,26 +12,14 @@ import pytest
 from node.store.base import Store
 from pigeon.auth import SessionTokens, mint_user_token
 from pigeon.v1 import node_pb2, types_pb2
-from tests.conftest_store import make_store
 from tests.node_harness import Listener, RunningNode, running_node
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
-async def node_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    uri = request.getfixturevalue("mongo_uri") if request.param == "mongodb" else None
-    store = make_store(request.param, tmp_path, uri)
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 @pytest.fixture
-async def node(node_store: Store) -> AsyncIterator[RunningNode]:
-    async with running_node(node_store, heartbeat_interval=5.0, stream_queue_size=64) as running:
+async def node(durable_store: Store) -> AsyncIterator[RunningNode]:
+    async with running_node(durable_store, heartbeat_interval=5.0, stream_queue_size=64) as running:
         yield running
 
 
