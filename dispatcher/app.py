@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 import sys
@@ -13,8 +11,7 @@ from dispatcher.servicer import DispatcherServicer
 from pigeon import __version__
 from pigeon.auth import ClusterSecret
 from pigeon.config import DispatcherConfig, load_config
-from pigeon.membership import dispatcher_key, encode, now_timestamp
-from pigeon.registry import Registration
+from pigeon.membership import dispatcher_key, now_timestamp, registered
 from pigeon.runtime import configure_logging, run
 from pigeon.server import Principal, Service
 from pigeon.service import listen, wait_for_stop
@@ -25,19 +22,6 @@ __all__ = ["main", "serve"]
 log = logging.getLogger("pigeon.dispatcher")
 
 DISPATCHER = dispatcher_pb2.DESCRIPTOR.services_by_name["Dispatcher"].full_name
-
-
-async def _report(
-    registration: Registration,
-    info: types_pb2.DispatcherInfo,
-    router: Router,
-) -> None:
-    """Keep the number of subscribed nodes in etcd current, for `pigeon nodes` and ops."""
-    while True:
-        await asyncio.sleep(2.0)
-        if info.subscribed_nodes != len(router.links):
-            info.subscribed_nodes = len(router.links)
-            await registration.update(encode(info))
 
 
 async def serve(config: DispatcherConfig) -> int:
@@ -64,21 +48,17 @@ async def serve(config: DispatcherConfig) -> int:
             started_at=now_timestamp(),
             routing_mode=config.routing_mode,
         )
-        async with Registration(
-            config.etcd_endpoints,
-            dispatcher_key(config.etcd_prefix, dispatcher_id),
-            encode(info),
-            ttl=config.lease_ttl,
-            timeout=config.etcd_timeout,
-        ) as registration:
+
+        def refresh() -> bool:
+            changed = info.subscribed_nodes != len(router.links)
+            info.subscribed_nodes = len(router.links)
+            return changed
+
+        async with registered(
+            config, dispatcher_key(config.etcd_prefix, dispatcher_id), info, refresh, 2.0
+        ):
             log.info("dispatcher %s serving gRPC on %s", dispatcher_id, listeners.address)
-            reporter = asyncio.create_task(_report(registration, info, router))
-            try:
-                await wait_for_stop()
-            finally:
-                reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
+            await wait_for_stop()
     return 0
 
 

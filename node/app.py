@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import secrets
 import sys
@@ -18,8 +16,7 @@ from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig, load_config
-from pigeon.membership import ClusterView, encode, node_key, now_timestamp
-from pigeon.registry import Registration
+from pigeon.membership import ClusterView, node_key, now_timestamp, registered
 from pigeon.runtime import configure_logging, run
 from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import channel_factory, listen, wait_for_stop
@@ -52,18 +49,6 @@ def limits_of(config: NodeConfig) -> Limits:
         max_page_size=config.max_page_size,
         max_batch=config.batch_max_size,
     )
-
-
-async def _report_load(
-    registration: Registration, info: types_pb2.NodeInfo, core: NodeCore, interval: float
-) -> None:
-    """Keep the connection count in etcd current, so Gates can balance."""
-    while True:
-        await asyncio.sleep(interval)
-        if info.connections != core.pool.connections or info.users != core.pool.user_count:
-            info.connections = core.pool.connections
-            info.users = core.pool.user_count
-            await registration.update(encode(info))
 
 
 async def serve(config: NodeConfig) -> int:
@@ -105,6 +90,9 @@ async def serve(config: NodeConfig) -> int:
             ) as relay,
         ):
             core.relay = relay
+            # The supervisor opens the streams within a moment; checks of the view are periodic.
+            if not await relay.wait_connected(within=5.0):
+                log.warning("not every dispatcher answered within 5 s; serving anyway")
             auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
             await _serve(config, node_id, core, auth)
     finally:
@@ -126,28 +114,30 @@ async def _serve(
             started_at=now_timestamp(),
             state=types_pb2.NODE_STATE_SERVING,
         )
-        async with Registration(
-            config.etcd_endpoints,
-            node_key(config.etcd_prefix, node_id),
-            encode(info),
-            ttl=config.lease_ttl,
-            timeout=config.etcd_timeout,
-        ) as registration:
-            reporter = asyncio.create_task(
-                _report_load(registration, info, core, config.load_report_interval)
+
+        def refresh() -> bool:
+            changed = (info.connections, info.users) != (
+                core.pool.connections,
+                core.pool.user_count,
             )
+            info.connections = core.pool.connections
+            info.users = core.pool.user_count
+            return changed
+
+        async with registered(
+            config,
+            node_key(config.etcd_prefix, node_id),
+            info,
+            refresh,
+            config.load_report_interval,
+        ) as registration:
             log.info(
                 "node %s serving gRPC on %s, HTTP on %s",
                 node_id,
                 listeners.address,
                 listeners.http_address,
             )
-            try:
-                await wait_for_stop()
-            finally:
-                reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
+            await wait_for_stop()
             # Drain: leave the Gates' view first so no new user lands here while streams move.
             started = time.monotonic()
             await registration.withdraw()

@@ -107,6 +107,7 @@ class DispatcherRelay:
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
         self._outbox_ready = asyncio.Event()
+        self._connected_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> DispatcherRelay:
@@ -166,6 +167,25 @@ class DispatcherRelay:
                         link.applied.clear()
                         await link.applied.wait()
 
+    async def wait_connected(self, within: float) -> bool:
+        """Wait (bounded) until there is a connected stream to every dispatcher in the view, so a
+        node starting up takes no users before it can be routed to. True if all connected."""
+
+        def all_connected() -> bool:
+            return all(
+                (link := self._links.get(d)) is not None and link.connected
+                for d in self._dispatchers()
+            )
+
+        try:
+            async with asyncio.timeout(within):
+                while not all_connected():
+                    self._connected_changed.clear()
+                    await self._connected_changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
     # Streams to dispatchers.
 
     def _channel_to(self, address: str) -> grpc.aio.Channel:
@@ -204,6 +224,7 @@ class DispatcherRelay:
                 async for reply in call:
                     if not link.connected:
                         link.connected = True
+                        self._connected_changed.set()
                         delay = 0.05
                     if reply.applied_report_version > link.applied_version:
                         link.applied_version = reply.applied_report_version

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from pigeon.registry import PrefixWatch
+from pigeon.config import CommonConfig
+from pigeon.registry import PrefixWatch, Registration
 from pigeon.v1 import types_pb2
 
 __all__ = [
@@ -20,6 +24,7 @@ __all__ = [
     "encode",
     "node_key",
     "now_timestamp",
+    "registered",
 ]
 
 
@@ -100,3 +105,39 @@ class ClusterView:
         tb: TracebackType | None,
     ) -> None:
         await self.watch.__aexit__(exc_type, exc, tb)
+
+
+@contextlib.asynccontextmanager
+async def registered(
+    config: CommonConfig,
+    key: str,
+    info: Message,
+    refresh: Callable[[], bool],
+    interval: float,
+) -> AsyncIterator[Registration]:
+    """Keep `info` registered under `key` for the life of the block.
+
+    Every `interval` seconds `refresh` updates `info` in place (load figures) and says whether it
+    changed; a changed value is written to etcd, so Gates and ops see current load.
+    """
+    async with Registration(
+        config.etcd_endpoints,
+        key,
+        encode(info),
+        ttl=config.lease_ttl,
+        timeout=config.etcd_timeout,
+    ) as registration:
+
+        async def keep_current() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if refresh():
+                    await registration.update(encode(info))
+
+        task = asyncio.create_task(keep_current(), name=f"refresh {key}")
+        try:
+            yield registration
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
