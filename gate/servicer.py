@@ -107,7 +107,12 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                 )
                 for n in ranked[1 : 1 + self._fallbacks]
             ],
-            heartbeat_interval=_duration(self._heartbeat),
+            # The node's own interval, which its streams keep; ours only if it did not say.
+            heartbeat_interval=(
+                chosen.heartbeat_interval
+                if chosen.HasField("heartbeat_interval")
+                else _duration(self._heartbeat)
+            ),
             backoff=gate_pb2.Backoff(
                 initial=_duration(BACKOFF_INITIAL_S), max=_duration(BACKOFF_MAX_S), multiplier=2.0
             ),

@@ -42,6 +42,9 @@ def generate(out_root: Path) -> None:
         f"--mypy_out={out_root}",
         f"--grpc_python_out={out_root}",
         f"--mypy_grpc_out={out_root}",
+        # The stubs carry no comments; the REST layer's OpenAPI document reads them from here.
+        f"--descriptor_set_out={out_root / 'pigeon' / 'v1' / 'descriptors.binpb'}",
+        "--include_source_info",
         *sources,
     ]
     code = protoc.main(args)

@@ -338,6 +338,7 @@ class NodeInfo(_message.Message):
     USERS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The node's id, unique in the cluster."""
     address: _builtins.str
@@ -360,6 +361,10 @@ class NodeInfo(_message.Message):
     def uptime(self) -> _duration_pb2.Duration:
         """How long the node has been running; filled in by Gate.ListNodes at the time of the call."""
 
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often the node sends heartbeats on idle streams; the Gate announces it to clients."""
+
     def __init__(
         self,
         *,
@@ -372,10 +377,11 @@ class NodeInfo(_message.Message):
         users: _builtins.int = ...,
         state: Global___NodeState.ValueType = ...,
         uptime: _duration_pb2.Duration | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at", "uptime", b"uptime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "started_at", b"started_at", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connections", b"connections", "http_address", b"http_address", "node_id", b"node_id", "started_at", b"started_at", "state", b"state", "uptime", b"uptime", "users", b"users", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connections", b"connections", "heartbeat_interval", b"heartbeat_interval", "http_address", b"http_address", "node_id", b"node_id", "started_at", b"started_at", "state", b"state", "uptime", b"uptime", "users", b"users", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
