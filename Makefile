@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
+JS_CLIENT := clients/js/node_modules/.installed
+CHROMIUM := /usr/bin/chromium
 PY_SOURCES := pigeon gate node dispatcher tests scripts
 
 .PHONY: help setup run test check gen docs lint-protos clean
@@ -26,7 +28,17 @@ $(BUF): tools/package.json tools/package-lock.json
 	npm ci --prefix tools --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
-setup: $(STAMP) $(BUF)
+$(JS_CLIENT): clients/js/package.json clients/js/package-lock.json
+	npm ci --prefix clients/js --no-audit --no-fund --loglevel=error
+	touch $(JS_CLIENT)
+
+# The browser test drives Debian's Chromium (`playwright install` would download a browser of its
+# own, which cannot be fetched here). A file target: installed only when missing.
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+setup: $(STAMP) $(BUF) $(JS_CLIENT) $(CHROMIUM)
 
 run: $(STAMP)
 	$(BIN)/pigeon up
@@ -48,8 +60,8 @@ check: $(STAMP) lint-protos
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_docs.py --check
 
-test: check
+test: check $(JS_CLIENT) $(CHROMIUM)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) tools/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) tools/node_modules clients/js/node_modules .mypy_cache .ruff_cache .pytest_cache

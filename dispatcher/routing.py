@@ -24,6 +24,9 @@ NODES = Gauge("pigeon_dispatcher_nodes", "Nodes subscribed to this dispatcher")
 ROUTED_USERS = Gauge("pigeon_dispatcher_users", "Users with at least one node in the table")
 
 
+MAX_REPLY_BYTES = 1 << 20
+
+
 class NodeLink:
     """One node's subscribe stream: what is queued for it, flushed as one message."""
 
@@ -66,10 +69,18 @@ class NodeLink:
             await self._wake.wait()
         if self.overflowed or self.closed:
             return None
+        # One message of at most MAX_REPLY_BYTES (gRPC refuses over 4 MB by default); the rest
+        # goes in the next one.
+        size, cut = 0, len(self._queue)
+        for i, envelope in enumerate(self._queue):
+            size += envelope.ByteSize() + 8
+            if size > MAX_REPLY_BYTES and i:
+                cut = i
+                break
         reply = dispatcher_pb2.DispatcherSubscribeResponse(
-            envelopes=self._queue, applied_report_version=self.applied_version
+            envelopes=self._queue[:cut], applied_report_version=self.applied_version
         )
-        self._queue = []
+        del self._queue[:cut]
         self._ack_pending = False
         return reply
 

@@ -12,6 +12,7 @@ from gate.servicer import GateServicer
 from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
 from pigeon.config import GateConfig, load_config
 from pigeon.membership import ClusterView
+from pigeon.rest import RestGateway, default_web_root
 from pigeon.runtime import configure_logging, run
 from pigeon.server import PUBLIC, Principal, Service
 from pigeon.service import channel_factory, listen, wait_for_stop
@@ -69,8 +70,16 @@ async def serve(config: GateConfig) -> int:
         )
         services = [Service(GATE, lambda s: gate_pb2_grpc.add_GateServicer_to_server(servicer, s))]
         auth = {f"/{GATE}/Connect": PUBLIC, f"/{GATE}/": system}
+        rest = RestGateway(
+            [gate_pb2.DESCRIPTOR.services_by_name["Gate"]],
+            web_root=default_web_root(),
+            cors_origins=config.cors_origins,
+        )
         try:
-            async with listen(config, services, auth) as listeners:
+            async with (
+                listen(config, services, auth, rest.routes) as listeners,
+                rest.forward_to(listeners.address, channel_factory(config)),
+            ):
                 log.info(
                     "gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address
                 )

@@ -17,6 +17,7 @@ from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig, load_config
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
+from pigeon.rest import RestGateway
 from pigeon.runtime import configure_logging, run
 from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import channel_factory, listen, wait_for_stop
@@ -105,7 +106,13 @@ async def _serve(
 ) -> None:
     servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
-    async with listen(config, services, auth) as listeners:
+    rest = RestGateway(
+        [node_pb2.DESCRIPTOR.services_by_name["Node"]], cors_origins=config.cors_origins
+    )
+    async with (
+        listen(config, services, auth, rest.routes) as listeners,
+        rest.forward_to(listeners.address, channel_factory(config)),
+    ):
         info = types_pb2.NodeInfo(
             node_id=node_id,
             address=listeners.address,
@@ -114,6 +121,7 @@ async def _serve(
             started_at=now_timestamp(),
             state=types_pb2.NODE_STATE_SERVING,
         )
+        info.heartbeat_interval.FromNanoseconds(int(config.heartbeat_interval * 1e9))
 
         def refresh() -> bool:
             changed = (info.connections, info.users) != (

@@ -73,7 +73,8 @@ class GroupCommit(Generic[T, R]):
             if self._queue:
                 self._idle.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+                    async with asyncio.timeout(self.drain_timeout):
+                        await self._idle.wait()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

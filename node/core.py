@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -41,6 +41,7 @@ STORED = Counter("pigeon_node_messages_stored", "Messages stored by this node", 
 DELIVERED = Counter("pigeon_node_messages_pushed", "Message copies queued to local streams")
 
 REPLAY_PAGE = 256
+MAX_EVENT_BYTES = 1 << 20
 RECENT_LIMIT = 100_000
 SYSTEM_SOURCE = "system"
 
@@ -191,6 +192,14 @@ class NodeCore:
             self._write, max_size=batch_max_size, max_wait=batch_max_wait
         )
         self._unread = _Unread(store, self.pool)
+        # Events with no more messages than this fit MAX_EVENT_BYTES whatever their size.
+        largest = (
+            self.limits.max_body_bytes
+            + self.limits.max_title_bytes
+            + self.limits.max_metadata_bytes
+            + 1024
+        )
+        self._small_batch = max(1, MAX_EVENT_BYTES // largest)
         self._recent = _Recent()
 
     async def __aenter__(self) -> NodeCore:
@@ -330,9 +339,8 @@ class NodeCore:
                     user_id, broadcast_before, limit + 1, read=read, sender=sender
                 )
             )
-        merged = sorted([*inbox, *broadcasts], key=lambda e: (e.created_at_ns, e.id), reverse=True)
-        page = merged[:limit]
-        if len(merged) <= limit:
+        page = _within_bytes(_merge_newest_first(inbox, broadcasts, limit))
+        if len(page) == len(inbox) + len(broadcasts):
             return page, ""
         return page, encode_page_token(
             _next_bound([e.seq for e in page if e.kind != Kind.BROADCAST], inbox, inbox_before),
@@ -441,15 +449,16 @@ class NodeCore:
                 page = await _read(read(user_id, after, REPLAY_PAGE))
                 if not page:
                     break
-                if broadcast:
-                    broadcast_seq = page[-1].seq
-                else:
-                    seq = page[-1].seq
                 replayed += len(page)
-                yield node_pb2.SubscribeResponse(
-                    messages=[to_proto(e) for e in page],
-                    cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
-                )
+                for chunk in self._chunks([to_proto(e) for e in page]):
+                    if broadcast:
+                        broadcast_seq = chunk[-1].seq
+                    else:
+                        seq = chunk[-1].seq
+                    yield node_pb2.SubscribeResponse(
+                        messages=chunk,
+                        cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+                    )
                 if len(page) < REPLAY_PAGE:
                     break
         yield node_pb2.SubscribeResponse(
@@ -471,12 +480,17 @@ class NodeCore:
                 inbox = await self._fill(user_id, seq, inbox, broadcast=False)
             if broadcasts and broadcasts[-1].seq - broadcast_seq != len(broadcasts):
                 broadcasts = await self._fill(user_id, broadcast_seq, broadcasts, broadcast=True)
-            if inbox:
-                seq = inbox[-1].seq
-            if broadcasts:
-                broadcast_seq = broadcasts[-1].seq
+            chunks = list(self._chunks([*inbox, *broadcasts]))
+            for chunk in chunks[:-1]:
+                seq, broadcast_seq = _advance(chunk, seq, broadcast_seq)
+                yield node_pb2.SubscribeResponse(
+                    messages=chunk,
+                    cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
+                )
+            last = chunks[-1] if chunks else []
+            seq, broadcast_seq = _advance(last, seq, broadcast_seq)
             event = node_pb2.SubscribeResponse(
-                messages=[*inbox, *broadcasts],
+                messages=last,
                 cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
             )
             if batch.unread_count is not None:
@@ -490,6 +504,25 @@ class NodeCore:
                 return
             if event.messages or event.HasField("unread_count"):
                 yield event
+
+    def _chunks(self, messages: list[types_pb2.Message]) -> Iterator[list[types_pb2.Message]]:
+        """Messages in events of at most MAX_EVENT_BYTES: clients refuse larger gRPC messages
+        (4 MB by default), and a replay or a backlog can hold many large messages."""
+        if len(messages) <= self._small_batch:
+            if messages:
+                yield messages
+            return
+        chunk: list[types_pb2.Message] = []
+        size = 0
+        for message in messages:
+            length = message.ByteSize()
+            if chunk and size + length > MAX_EVENT_BYTES:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(message)
+            size += length
+        if chunk:
+            yield chunk
 
     async def _fill(
         self,
@@ -511,7 +544,8 @@ class NodeCore:
         for stream in self.pool.all():
             stream.close("draining")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.pool.empty.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self.pool.empty.wait()
 
 
 async def _read(call: Awaitable[T]) -> T:
@@ -536,6 +570,16 @@ def _after(
     return [newer[k] for k in sorted(newer)]
 
 
+def _advance(messages: list[types_pb2.Message], seq: int, broadcast_seq: int) -> tuple[int, int]:
+    """The cursor after messages that follow (seq, broadcast_seq) in order."""
+    for message in messages:
+        if message.kind == types_pb2.MESSAGE_KIND_BROADCAST:
+            broadcast_seq = message.seq
+        else:
+            seq = message.seq
+    return seq, broadcast_seq
+
+
 def _start(cursor: int | None, head: int, name: str) -> int:
     """Where a stream starts: the client's cursor, or the head (live only) without one."""
     if cursor is None:
@@ -548,6 +592,41 @@ def _start(cursor: int | None, head: int, name: str) -> int:
             field=name,
         )
     return cursor
+
+
+def _merge_newest_first(inbox: list[Entry], broadcasts: list[Entry], limit: int) -> list[Entry]:
+    """Up to limit entries of the two streams, newest first.
+
+    Each stream keeps its own seq order (creation times from different nodes need not follow
+    seqs), and the page takes a prefix of each, so the next page's bounds skip nothing.
+    """
+    page: list[Entry] = []
+    i = j = 0
+    while len(page) < limit and (i < len(inbox) or j < len(broadcasts)):
+        take_inbox = j >= len(broadcasts) or (
+            i < len(inbox)
+            and (inbox[i].created_at_ns, inbox[i].id)
+            >= (broadcasts[j].created_at_ns, broadcasts[j].id)
+        )
+        if take_inbox:
+            page.append(inbox[i])
+            i += 1
+        else:
+            page.append(broadcasts[j])
+            j += 1
+    return page
+
+
+def _within_bytes(page: list[Entry]) -> list[Entry]:
+    """The longest prefix of a page that fits MAX_EVENT_BYTES (at least one entry): page_size
+    is a maximum, and clients refuse responses over 4 MB by default."""
+    size = 0
+    for i, entry in enumerate(page):
+        size += 128 + len(entry.body) + len(entry.title)
+        size += sum(len(k) + len(v) + 4 for k, v in entry.metadata.items())
+        if size > MAX_EVENT_BYTES and i:
+            return page[:i]
+    return page
 
 
 def _next_bound(taken: list[int], fetched: list[Entry], before: int | None) -> int:

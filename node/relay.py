@@ -32,6 +32,20 @@ DROPPED = Counter(
 
 OUTBOX_LIMIT = 100_000
 PUBLISH_BATCH = 1024
+# gRPC refuses messages over 4 MB by default; stay well under it.
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def _prefix_within(
+    envelopes: list[dispatcher_pb2.Envelope], count: int, max_bytes: int
+) -> list[dispatcher_pb2.Envelope]:
+    """The longest prefix of at most count envelopes and max_bytes (at least one envelope)."""
+    size = 0
+    for i, envelope in enumerate(envelopes[:count]):
+        size += envelope.ByteSize() + 8
+        if size > max_bytes and i:
+            return envelopes[:i]
+    return envelopes[:count]
 
 
 class _Link:
@@ -293,7 +307,7 @@ class DispatcherRelay:
             if not self._outbox:
                 self._outbox_ready.clear()
                 continue
-            batch = self._outbox[:PUBLISH_BATCH]
+            batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
             request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
             order = self._publish_order()
             # Those that failed lately go last, not out: one of them may be the only one left.

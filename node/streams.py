@@ -83,8 +83,11 @@ class Stream:
         """Everything queued, once there is any; None after `wait` s (time for a heartbeat)."""
         if not self._has_work():
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the wait ends, leaving a cancelled stream's writer running.
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             except TimeoutError:
                 return None
         batch, self._batch = self._batch, Batch(reconnect=self._batch.reconnect)

@@ -63,7 +63,7 @@ _CONFIG_FLAG = "--config"
 # PIGEON_* variables that are read somewhere other than a settings dataclass. Every service
 # rejects unknown PIGEON_* variables, and `pigeon up` passes its environment on to the services it
 # starts, so a variable read by the CLI or the SDK must be listed here or the services refuse it.
-_OTHER_ENV_VARS = frozenset({_CONFIG_ENV})
+_OTHER_ENV_VARS = frozenset({_CONFIG_ENV, "PIGEON_GATE", "PIGEON_TOKEN"})
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 """The JWT algorithms a user token may be configured to use. Never ``none``."""
@@ -207,6 +207,13 @@ class CommonConfig:
         metadata=_rules(
             "upper bound on draining and shutting down, seconds; streams still open then are cut",
             minimum=0,
+        ),
+    )
+    cors_origins: list[str] = field(
+        default_factory=lambda: ["*"],
+        metadata=_rules(
+            "origins allowed to call the REST API from a browser (CORS), comma-separated; * allows "
+            "any origin (REST takes bearer credentials, never cookies); empty turns CORS off"
         ),
     )
     tls_ca: str = field(

@@ -3,6 +3,7 @@ integration tests start."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -24,6 +25,15 @@ from pigeon.etcd_server import EtcdServer, free_port
 __all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
 
 log = logging.getLogger("pigeon.local")
+
+
+def _stop_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so a killed `pigeon up` (or test) leaves
+    no service behind. Linux only; elsewhere the parent's stop() is the only guard."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,24 @@ class ServiceProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_stop_with_parent,
             )
 
     def wait_healthy(self, timeout: float) -> None:
         """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
         deadline = time.monotonic() + timeout
         ca = self.env.get("PIGEON_TLS_CA")
+        # A short reconnect backoff: the default waits a second or more after the first refusal.
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 200),
+        ]
         channel = (
-            grpc.secure_channel(self.address, grpc.ssl_channel_credentials(Path(ca).read_bytes()))
+            grpc.secure_channel(
+                self.address, grpc.ssl_channel_credentials(Path(ca).read_bytes()), options
+            )
             if ca
-            else grpc.insecure_channel(self.address)
+            else grpc.insecure_channel(self.address, options)
         )
         with channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -120,11 +138,16 @@ class ServiceProcess:
         if self.alive and self.process is not None:
             self.process.send_signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM (the service drains), then SIGKILL after timeout. Returns the exit code."""
+    def stop(self, timeout: float = 10.0, *, signalled: bool = False) -> int | None:
+        """SIGTERM (the service drains), then SIGKILL after timeout. Returns the exit code.
+
+        With signalled=True the SIGTERM was already sent: a second one could arrive after the
+        service removed its handler and cut its drain short.
+        """
         if self.process is None:
             return None
-        self.signal(signal.SIGTERM)
+        if not signalled:
+            self.signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -254,7 +277,7 @@ class LocalCluster:
         for service in reversed(self.services):
             service.signal(signal.SIGTERM)
         for service in reversed(self.services):
-            service.stop(timeout)
+            service.stop(timeout, signalled=True)
         self.etcd.stop()
 
     def dead(self) -> list[ServiceProcess]:

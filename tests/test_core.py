@@ -155,3 +155,59 @@ async def test_heartbeats_keep_an_idle_stream_alive() -> None:
         await reader.until(lambda r: sum(e.HasField("heartbeat") for e in r.events) >= 3)
         await reader.stop()
         assert core.pool.connections == 0
+
+
+async def test_listing_pages_follow_seq_order_even_when_creation_times_do_not() -> None:
+    store = MemoryStore()
+    # Two nodes stamp creation times from their own clocks; seqs follow commit order.
+    now = time.time_ns()
+    stamps = [now - (i % 2) * 10_000_000 + i for i in range(30)]
+    await store.append(
+        [
+            NewMessage(f"m{i:02}", "alice", Kind.USER, ("bob",), "", str(i), {}, stamp)
+            for i, stamp in enumerate(stamps)
+        ]
+    )
+    await store.append([NewMessage("b1", "ops", Kind.BROADCAST, (), "", "all", {}, now)])
+    async with NodeCore(store, node_id="n1") as core:
+        seen, token = [], ""
+        while True:
+            page, token = await core.list_messages("bob", page_size=7, page_token=token)
+            seen.extend(page)
+            if not token:
+                break
+    inbox = [e.seq for e in seen if e.kind == Kind.USER]
+    assert inbox == list(range(30, 0, -1))
+    assert [e.id for e in seen if e.kind == Kind.BROADCAST] == ["b1"]
+
+
+async def test_large_backlogs_go_out_in_events_a_client_accepts() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        body = "x" * 60_000
+        for _ in range(3):
+            await core.send("alice", [outgoing("bob", body) for _ in range(20)])
+        reader = Reader(core.subscribe("bob", 0, None))
+        await reader.until(lambda r: len(r.seqs()) == 60)
+        events = [e for e in reader.events if e.messages]
+        assert len(events) > 1
+        assert all(e.ByteSize() <= 1.1 * (1 << 20) for e in events)
+        assert reader.seqs() == list(range(1, 61))
+        # Each event's cursor is the last seq it carries.
+        assert all(e.cursor.seq == e.messages[-1].seq for e in events)
+        await reader.stop()
+
+
+async def test_a_page_of_large_messages_is_cut_to_a_size_clients_accept() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1") as core:
+        for _ in range(3):
+            await core.send("alice", [outgoing("bob", "y" * 60_000) for _ in range(20)])
+        seen, token, pages = [], "", 0
+        while True:
+            page, token = await core.list_messages("bob", page_size=200, page_token=token)
+            pages += 1
+            assert sum(len(e.body) for e in page) <= 1 << 20
+            seen.extend(e.seq for e in page)
+            if not token:
+                break
+    assert pages > 1 and seen == list(range(60, 0, -1))

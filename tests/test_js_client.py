@@ -1,0 +1,141 @@
+"""The Node.js client (clients/js) against a real cluster: a message from Python arrives in
+JavaScript, one from JavaScript arrives in Python, and the JavaScript listener rides out the
+crash of its node."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from pigeon.auth import mint_user_token
+from pigeon.client import Message, UserClient
+from pigeon.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+JS = Path(__file__).resolve().parent.parent / "clients" / "js"
+CLI = JS / "bin" / "pigeon-js.js"
+NODE = shutil.which("node")
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> None:
+    """Install the pinned dependencies from package-lock.json once, if not installed yet."""
+    if NODE is None or shutil.which("npm") is None:
+        pytest.skip("Node.js and npm are needed for the JavaScript client")
+    if not (JS / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=JS,
+            check=True,
+            timeout=300,
+        )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, node_modules: None) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("js"), gate_port=0, gate_http_port=0, env={"PATH": "/usr/bin"}
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+class JsProcess:
+    """`pigeon-js` run as a subprocess, its JSON lines read as they come."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[dict[str, object]] = []
+
+    @classmethod
+    async def start(cls, *args: str) -> JsProcess:
+        assert NODE is not None
+        process = await asyncio.create_subprocess_exec(
+            NODE, str(CLI), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        return cls(process)
+
+    async def line(self, timeout: float = 15.0) -> dict[str, object]:
+        assert self.process.stdout is not None and self.process.stderr is not None
+        async with asyncio.timeout(timeout):
+            line = await self.process.stdout.readline()
+            if not line:
+                error = (await self.process.stderr.read()).decode()
+                raise AssertionError(f"pigeon-js ended: {self.lines} {error}")
+        event: dict[str, object] = json.loads(line)
+        self.lines.append(event)
+        return event
+
+    async def expect(self, kind: str, timeout: float = 15.0) -> dict[str, object]:
+        async with asyncio.timeout(timeout):
+            while (event := await self.line())["type"] != kind:
+                pass
+        return event
+
+    async def finish(self, timeout: float = 15.0) -> int:
+        async with asyncio.timeout(timeout):
+            return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+
+@pytest.fixture
+async def python_user(cluster: LocalCluster) -> AsyncIterator[UserClient]:
+    async with UserClient(
+        cluster.gate.address, mint_user_token(cluster.secrets.jwt_secret, "py")
+    ) as client:
+        yield client
+
+
+async def test_messages_cross_between_python_and_javascript(
+    cluster: LocalCluster, python_user: UserClient
+) -> None:
+    gate = cluster.gate.address
+    js_token = mint_user_token(cluster.secrets.jwt_secret, "js")
+    listener = await JsProcess.start("listen", "--gate", gate, "--token", js_token, "--count", "2")
+    try:
+        connected = await listener.expect("connected")
+        assert connected["userId"] == "js" and connected["reconnected"] is False
+        first = await python_user.send("js", "from python", title="hi")
+        message = await listener.expect("message")
+        assert (message["id"], message["body"], message["sender"]) == (first, "from python", "py")
+        assert message["seq"] == 1 and message["kind"] == "MESSAGE_KIND_USER"
+
+        # The node holding the JavaScript stream crashes; the client resumes elsewhere.
+        crashed = next(n for n in cluster.nodes if n.name == connected["nodeId"])
+        crashed.kill()
+        second = await python_user.send("js", "after the crash")
+        message = await listener.expect("message")
+        assert (message["id"], message["seq"]) == (second, 2)
+        assert await listener.finish() == 0
+        assert any(e["type"] == "disconnected" for e in listener.lines)
+        reconnected = [e for e in listener.lines if e["type"] == "connected"][-1]
+        assert reconnected["reconnected"] is True and reconnected["nodeId"] != crashed.name
+    finally:
+        listener.kill()
+
+    events = python_user.events()
+    sender = await JsProcess.start("send", "--gate", gate, "--token", js_token, "py", "from js")
+    try:
+        sent = await sender.line()
+        assert await sender.finish() == 0
+    finally:
+        sender.kill()
+    async with asyncio.timeout(15):
+        async for event in events:
+            if isinstance(event, Message):
+                break
+    assert isinstance(event, Message)
+    assert (event.id, event.body, event.sender) == (sent["message_id"], "from js", "js")

@@ -1,0 +1,140 @@
+"""The inbox page (clients/web), served by the Gate, driven in headless Chromium against a real
+local cluster: sign in with a user JWT, see system messages arrive live with the unread badge,
+mark read, delete, send."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from pigeon.auth import mint_user_token
+from pigeon.local import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+LIVE_WITHIN_MS = 5000  # "within seconds": a pushed message, from publish to the page
+WAIT_MS = 10000
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        tmp_path_factory.mktemp("web"), gate_port=0, gate_http_port=0, env={"PATH": "/usr/bin"}
+    )
+    local.start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[Page]:
+    """A page in headless Debian Chromium (Playwright's own browsers are never downloaded)."""
+    if not CHROMIUM.exists():
+        # A missing browser must fail, not skip: a skipped test would leave the page untested.
+        pytest.fail(
+            f"Chromium is not installed at {CHROMIUM}: install it with "
+            "`apt-get install -y chromium` (never `playwright install`)",
+            pytrace=False,
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 760})
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def publish(cluster: LocalCluster, to: str, title: str, body: str, source: str) -> None:
+    reply = httpx.post(
+        f"http://{cluster.gate.http_address}/v1/publish",
+        json={"to": [to], "title": title, "body": body, "source": source},
+        headers={"Authorization": f"Bearer {cluster.secrets.api_key}"},
+        timeout=10,
+    )
+    assert reply.status_code == 200, reply.text
+
+
+def inbox_of(cluster: LocalCluster, user: str) -> list[str]:
+    gate = f"http://{cluster.gate.http_address}"
+    token = mint_user_token(cluster.secrets.jwt_secret, user)
+    connect = httpx.post(f"{gate}/v1/connect", json={"token": token}, timeout=10).json()
+    reply = httpx.get(
+        f"http://{connect['nodeHttpAddress']}/v1/messages",
+        headers={"Authorization": f"Bearer {connect['sessionToken']}"},
+        timeout=10,
+    )
+    return [m["body"] for m in reply.json()["messages"]]
+
+
+def test_messages_arrive_live_and_the_badge_follows_reads_and_deletes(
+    cluster: LocalCluster,
+) -> None:
+    with browser_page() as page:
+        check_inbox_page(cluster, page)
+
+
+def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"http://{cluster.gate.http_address}/")
+    expect(page).to_have_title("Pigeon inbox")
+
+    page.fill("#token", mint_user_token(cluster.secrets.jwt_secret, "alice"))
+    page.click("#connect")
+    status = page.get_by_test_id("status")
+    badge = page.get_by_test_id("unread-badge")
+    expect(status).to_have_text("live", timeout=WAIT_MS)
+    expect(badge).to_have_text("0")
+
+    publish(cluster, "alice", "Invoice ready", "Your invoice #42 is ready.", "billing")
+    invoice = page.get_by_test_id("message").filter(has_text="Your invoice #42 is ready.")
+    expect(invoice).to_be_visible(timeout=LIVE_WITHIN_MS)
+    expect(invoice).to_contain_text("billing")
+    expect(badge).to_have_text("1", timeout=WAIT_MS)
+
+    publish(cluster, "alice", "Standup moved", "Today's standup is at 10:30.", "calendar")
+    standup = page.get_by_test_id("message").filter(has_text="Today's standup is at 10:30.")
+    expect(standup).to_be_visible(timeout=LIVE_WITHIN_MS)
+    expect(badge).to_have_text("2", timeout=WAIT_MS)
+
+    invoice.get_by_test_id("mark-read").click()
+    expect(badge).to_have_text("1", timeout=WAIT_MS)
+    expect(invoice).not_to_have_class(re.compile(r"\bunread\b"))
+    expect(standup).to_have_class(re.compile(r"\bunread\b"))
+
+    page.fill("#to", "bob")
+    page.fill("#title", "Lunch?")
+    page.fill("#body", "Noodles at noon?")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-inbox.png"), full_page=True)
+
+    page.click("#send")
+    expect(page.locator("#toast")).to_have_text("Sent to bob", timeout=WAIT_MS)
+    assert inbox_of(cluster, "bob") == ["Noodles at noon?"]
+
+    standup.get_by_test_id("delete").click()
+    expect(standup).to_have_count(0, timeout=WAIT_MS)
+    expect(badge).to_have_text("0", timeout=WAIT_MS)
+    assert inbox_of(cluster, "alice") == ["Your invoice #42 is ready."]
+    assert errors == []
