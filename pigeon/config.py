@@ -63,7 +63,7 @@ _CONFIG_FLAG = "--config"
 # PIGEON_* variables that are read somewhere other than a settings dataclass. Every service
 # rejects unknown PIGEON_* variables, and `pigeon up` passes its environment on to the services it
 # starts, so a variable read by the CLI or the SDK must be listed here or the services refuse it.
-_OTHER_ENV_VARS = frozenset({_CONFIG_ENV, "PIGEON_GATE", "PIGEON_TOKEN"})
+_OTHER_ENV_VARS = frozenset({_CONFIG_ENV, "PIGEON_GATE", "PIGEON_TOKEN", "PIGEON_PARENT_PID"})
 
 JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256")
 """The JWT algorithms a user token may be configured to use. Never ``none``."""

@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,13 +58,32 @@ def etcd_binary() -> str:
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port on ``host`` that is free right now.
 
-    The port is released before returning, so another process could take it in between; that
-    window is small enough for tests and for ``pigeon up``.
+    The port is released before returning, so another process could take it in between. It is
+    picked below the kernel's ephemeral range, which outgoing connections draw from: a port from
+    that range (what binding port 0 gives) can be taken by any client socket on a busy machine
+    before the server that was meant to have it starts.
     """
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12_000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        fallback: int = sock.getsockname()[1]
+        return fallback
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 class EtcdServer:

@@ -3,7 +3,6 @@ integration tests start."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -25,15 +24,6 @@ from pigeon.etcd_server import EtcdServer, free_port
 __all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
 
 log = logging.getLogger("pigeon.local")
-
-
-def _stop_with_parent() -> None:
-    """In the child: get SIGTERM when the parent dies, so a killed `pigeon up` (or test) leaves
-    no service behind. Linux only; elsewhere the parent's stop() is the only guard."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,6 @@ class ServiceProcess:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_stop_with_parent,
             )
 
     def wait_healthy(self, timeout: float) -> None:
@@ -198,6 +187,8 @@ class LocalCluster:
             "PIGEON_CLUSTER_SECRET": self.secrets.cluster_secret,
             "PIGEON_ETCD_ENDPOINTS": self.etcd.endpoint,
             "PYTHONUNBUFFERED": "1",
+            # The services stop by themselves if this process dies without stopping them.
+            "PIGEON_PARENT_PID": str(os.getpid()),
         }
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)

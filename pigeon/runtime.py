@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["configure_logging", "freeze_heap", "run", "stop_signals"]
+__all__ = ["configure_logging", "freeze_heap", "run", "stop_signals", "stop_with_parent"]
 
 
 class _JsonFormatter(logging.Formatter):
@@ -65,8 +67,23 @@ def stop_signals(on_stop: Callable[[], None]) -> Any:
             loop.remove_signal_handler(sig)
 
 
+def stop_with_parent() -> None:
+    """Ask for SIGTERM when the process that started this one dies (PIGEON_PARENT_PID, set by
+    `pigeon up` and the test clusters), so a killed launcher leaves no service behind. Linux
+    only; elsewhere the launcher's own stop is the only guard."""
+    parent = os.environ.get("PIGEON_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    # The parent may have died before the request was made.
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run a service's main coroutine on uvloop (5-10% faster with grpc.aio) and return its code."""
+    stop_with_parent()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but not on every platform
