@@ -123,6 +123,8 @@ class Router:
 
     def report(self, link: NodeLink, report: dispatcher_pb2.RoutingReport, version: int) -> None:
         """Apply a node's report of the users it holds."""
+        if link.closed:
+            return  # a late report on a stream that a newer one replaced
         if report.full:
             self._forget(link, link.users - set(report.added))
             link.users = set()
@@ -159,5 +161,6 @@ class Router:
                 UNROUTED.inc()
                 continue
             for node_id in holders:
-                if node_id != origin:
-                    links[node_id].put(envelope)
+                holder = links.get(node_id)
+                if holder is not None and node_id != origin:
+                    holder.put(envelope)

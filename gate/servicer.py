@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -125,6 +126,13 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         # The owner of the first recipient stores it, so that user's streams get it locally.
         ranked = self._ranked(_first_recipient(request))
         forwarded = node_pb2.NodePublishRequest.FromString(request.SerializeToString())
+        # The Gate retries on another node when one fails, and a failure can come after the
+        # store committed: a key of our own makes those retries store the message once.
+        if forwarded.batch:
+            for publication in forwarded.batch:
+                publication.idempotency_key = publication.idempotency_key or _new_key()
+        elif forwarded.to or forwarded.broadcast or forwarded.body:
+            forwarded.idempotency_key = forwarded.idempotency_key or _new_key()
         metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "authorization"]
         last: PigeonError | None = None
         for node in ranked:
@@ -157,6 +165,10 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             entry_d.CopyFrom(dispatcher)
             entry_d.uptime.FromNanoseconds(max(0, now - dispatcher.started_at.ToNanoseconds()))
         return reply
+
+
+def _new_key() -> str:
+    return f"gate-{uuid.uuid4().hex}"
 
 
 def _first_recipient(request: gate_pb2.PublishRequest) -> str:

@@ -76,6 +76,7 @@ async def serve(config: NodeConfig) -> int:
                 heartbeat_interval=config.heartbeat_interval,
                 batch_max_size=config.batch_max_size,
                 batch_max_wait=config.batch_max_wait_ms / 1000,
+                max_streams_per_user=config.max_streams_per_user,
             ) as core,
             ClusterView(
                 config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
@@ -88,6 +89,7 @@ async def serve(config: NodeConfig) -> int:
                 deliver=core.receive,
                 report_interval=config.routing_report_interval_ms / 1000,
                 channel=channel_factory(config),
+                resync=core.resync,
             ) as relay,
         ):
             core.relay = relay

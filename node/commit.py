@@ -11,6 +11,8 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Histogram
 
+from node.store.base import StoreError
+
 __all__ = ["GroupCommit"]
 
 log = logging.getLogger("pigeon.node.commit")
@@ -55,6 +57,7 @@ class GroupCommit(Generic[T, R]):
         self._queued_items = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
+        self._busy = False
         self.drain_timeout = 10.0
         self._task: asyncio.Task[None] | None = None
 
@@ -69,8 +72,8 @@ class GroupCommit(Generic[T, R]):
         tb: TracebackType | None,
     ) -> None:
         if self._task is not None:
-            # Let queued writes finish (bounded): their callers are waiting for an answer.
-            if self._queue:
+            # Let queued and running writes finish (bounded): their callers wait for an answer.
+            if self._queue or self._busy:
                 self._idle.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.drain_timeout):
@@ -112,13 +115,23 @@ class GroupCommit(Generic[T, R]):
                 taken = self._take()
                 batch = [item for items, _ in taken for item in items]
                 BATCH_SIZE.observe(len(batch))
+                self._busy = True
                 try:
                     results = list(await self._write(batch))
+                except asyncio.CancelledError:
+                    # Stopped mid-write: the callers must not wait for ever; the write may or
+                    # may not have committed, which their retry (idempotency key) settles.
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(StoreError("the node stopped during the write"))
+                    raise
                 except Exception as exc:
                     for _, future in taken:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                finally:
+                    self._busy = False
                 offset = 0
                 for items, future in taken:
                     if not future.done():

@@ -28,7 +28,7 @@ from node.validate import (
     decode_page_token,
     encode_page_token,
 )
-from pigeon.errors import InvalidArgument, NotFound, Unavailable
+from pigeon.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from pigeon.v1 import dispatcher_pb2, node_pb2, types_pb2
 
 __all__ = ["NoRelay", "NodeCore", "Relay"]
@@ -42,6 +42,7 @@ DELIVERED = Counter("pigeon_node_messages_pushed", "Message copies queued to loc
 
 REPLAY_PAGE = 256
 MAX_EVENT_BYTES = 1 << 20
+FILL_LIMIT = 1024
 RECENT_LIMIT = 100_000
 SYSTEM_SOURCE = "system"
 
@@ -89,6 +90,7 @@ class _Unread:
         self._store = store
         self._pool = pool
         self._dirty: dict[str, None] = {}
+        self._generation: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -104,18 +106,25 @@ class _Unread:
     def mark(self, user_id: str) -> None:
         if self._pool.holds(user_id):
             self._dirty[user_id] = None
+            self._changed(user_id)
             self._wake.set()
 
     def mark_everyone(self) -> None:
         for user_id in self._pool.users():
             self._dirty[user_id] = None
+            self._changed(user_id)
         self._wake.set()
 
     def push(self, user_id: str, count: int) -> None:
         """A count already known (from a change on this node or another) goes out at once."""
         self._dirty.pop(user_id, None)
+        self._changed(user_id)
         for stream in self._pool.streams_of(user_id):
             stream.push((), count)
+
+    def _changed(self, user_id: str) -> None:
+        # A count read before this moment may be older than what is (or will be) pushed now.
+        self._generation[user_id] = self._generation.get(user_id, 0) + 1
 
     async def _run(self) -> None:
         while True:
@@ -125,14 +134,21 @@ class _Unread:
                 user_id = next(iter(self._dirty))
                 del self._dirty[user_id]
                 if not self._pool.holds(user_id):
+                    self._generation.pop(user_id, None)
                     continue
+                generation = self._generation.get(user_id, 0)
                 try:
                     count = await self._store.unread_count(user_id)
-                except StoreError:
-                    log.warning("unread count of %s not available; retrying", user_id)
+                except Exception:
+                    # Keep counting for everyone else; this user is tried again shortly.
+                    log.warning(
+                        "unread count of %s not available; retrying", user_id, exc_info=True
+                    )
                     self._dirty[user_id] = None
                     await asyncio.sleep(0.5)
                     continue
+                if self._generation.get(user_id, 0) != generation:
+                    continue  # stale: a newer count went out, or a recount is queued
                 for stream in self._pool.streams_of(user_id):
                     stream.push((), count)
 
@@ -167,6 +183,7 @@ class NodeCore:
         heartbeat_interval: seconds between heartbeats on an idle stream.
         batch_max_size: messages per store transaction at most (1 turns group commit off).
         batch_max_wait: seconds a lone write waits for company.
+        max_streams_per_user: open streams one user may hold here.
     """
 
     def __init__(
@@ -180,6 +197,7 @@ class NodeCore:
         heartbeat_interval: float = 15.0,
         batch_max_size: int = 256,
         batch_max_wait: float = 0.0,
+        max_streams_per_user: int = 32,
     ) -> None:
         self.store = store
         self.node_id = node_id
@@ -188,6 +206,7 @@ class NodeCore:
         self.pool = Pool()
         self.stream_queue_size = stream_queue_size
         self.heartbeat_interval = heartbeat_interval
+        self.max_streams_per_user = max_streams_per_user
         self._commit: GroupCommit[NewMessage, Stored] = GroupCommit(
             self._write, max_size=batch_max_size, max_wait=batch_max_wait
         )
@@ -409,6 +428,16 @@ class NodeCore:
         The stream joins the pool before the store is read, so nothing stored meanwhile is
         missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
         """
+        open_streams = len(tuple(self.pool.streams_of(user_id)))
+        if open_streams >= self.max_streams_per_user:
+            # Each stream costs the node memory; a client that opens them without end (or
+            # leaves them unread) must not be able to exhaust it.
+            raise ResourceExhausted(
+                f"{user_id} already has {open_streams} open streams on this node; the limit is "
+                f"{self.max_streams_per_user}: close some first",
+                retry_after=5.0,
+                reason="TOO_MANY_STREAMS",
+            )
         stream = Stream(user_id, self.stream_queue_size, self._leave)
         if self.pool.add(stream):
             self.relay.user_added(user_id)
@@ -474,12 +503,21 @@ class NodeCore:
                 continue
             inbox = _after(batch.messages, seq, broadcast=False)
             broadcasts = _after(batch.messages, broadcast_seq, broadcast=True)
-            # A message relayed from another node can overtake an older one; fill the gap
-            # from the store so the stream stays in seq order with nothing missing.
-            if inbox and inbox[-1].seq - seq != len(inbox):
-                inbox = await self._fill(user_id, seq, inbox, broadcast=False)
-            if broadcasts and broadcasts[-1].seq - broadcast_seq != len(broadcasts):
-                broadcasts = await self._fill(user_id, broadcast_seq, broadcasts, broadcast=True)
+            head_seq = head_broadcast = 0
+            if batch.resync:
+                head_seq, head_broadcast = await _read(self.store.heads(user_id))
+            # A message relayed from another node can overtake an older one, or a relay can be
+            # lost: fill from the store so the stream stays in seq order with nothing missing.
+            if (inbox and inbox[-1].seq - seq != len(inbox)) or head_seq > max(
+                seq, inbox[-1].seq if inbox else 0
+            ):
+                inbox = await self._fill(stream, seq, inbox, head_seq, broadcast=False)
+            if (
+                broadcasts and broadcasts[-1].seq - broadcast_seq != len(broadcasts)
+            ) or head_broadcast > max(broadcast_seq, broadcasts[-1].seq if broadcasts else 0):
+                broadcasts = await self._fill(
+                    stream, broadcast_seq, broadcasts, head_broadcast, broadcast=True
+                )
             chunks = list(self._chunks([*inbox, *broadcasts]))
             for chunk in chunks[:-1]:
                 seq, broadcast_seq = _advance(chunk, seq, broadcast_seq)
@@ -526,18 +564,32 @@ class NodeCore:
 
     async def _fill(
         self,
-        user_id: str,
+        stream: Stream,
         after: int,
         live: list[types_pb2.Message],
+        head: int,
         *,
         broadcast: bool,
     ) -> list[types_pb2.Message]:
+        """The messages after the cursor up to the newest of live and head: from the store,
+        merged with what came live. A long stretch is filled in parts."""
+        top = max(head, live[-1].seq if live else 0)
+        if top - after > FILL_LIMIT:
+            top = after + FILL_LIMIT
+            stream.resync()  # the rest on the next round
         read = self.store.broadcasts_after if broadcast else self.store.inbox_after
-        stored = await _read(read(user_id, after, live[-1].seq - after))
-        merged = {e.seq: to_proto(e) for e in stored if e.seq <= live[-1].seq}
+        stored = await _read(read(stream.user_id, after, top - after))
+        merged = {e.seq: to_proto(e) for e in stored if e.seq <= top}
         for message in live:
-            merged.setdefault(message.seq, message)
+            if message.seq <= top:
+                merged.setdefault(message.seq, message)
         return [merged[k] for k in sorted(merged)]
+
+    def resync(self) -> None:
+        """Make every local stream check the store: relays may have been lost (a dispatcher
+        stream broke, a queue overflowed), and stored messages must still reach the user."""
+        for stream in self.pool.all():
+            stream.resync()
 
     async def drain(self, grace: float) -> None:
         """Ask every stream to reconnect elsewhere and wait (bounded) until they are gone."""

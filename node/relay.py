@@ -32,6 +32,15 @@ DROPPED = Counter(
 
 OUTBOX_LIMIT = 100_000
 PUBLISH_BATCH = 1024
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 # gRPC refuses messages over 4 MB by default; stay well under it.
 MAX_REQUEST_BYTES = 1 << 20
 
@@ -106,6 +115,7 @@ class DispatcherRelay:
         channel: Callable[[str], grpc.aio.Channel] = grpc.aio.insecure_channel,
         check_interval: float = 0.2,
         ready_timeout: float = 2.0,
+        resync: Callable[[], None] | None = None,
     ) -> None:
         self._node_id = node_id
         self._metadata = (("authorization", f"Bearer {cluster_secret}"),)
@@ -117,6 +127,8 @@ class DispatcherRelay:
         self._channel = channel
         self._check_interval = check_interval
         self._ready_timeout = ready_timeout
+        self._resync = resync
+        self._in_flight = 0
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
@@ -155,9 +167,10 @@ class DispatcherRelay:
             return
         self._outbox.extend(envelopes)
         if len(self._outbox) > OUTBOX_LIMIT:
-            # Dispatchers unreachable for long: keep memory bounded; the messages are stored.
+            # Dispatchers unreachable for long: keep memory bounded (the messages are stored;
+            # streams resync when a dispatcher is back). The batch being sent stays.
             excess = len(self._outbox) - OUTBOX_LIMIT
-            del self._outbox[:excess]
+            del self._outbox[self._in_flight : self._in_flight + excess]
             DROPPED.inc(excess)
         self._outbox_ready.set()
 
@@ -227,6 +240,9 @@ class DispatcherRelay:
                     if link.task is not None:
                         link.task.cancel()
                     log.info("dispatcher %s left", dispatcher_id)
+            in_use = {link.address for link in self._links.values()}
+            for address in [a for a in self._channels if a not in in_use]:
+                await self._channels.pop(address).close(None)
             await asyncio.sleep(self._check_interval)
 
     async def _run_link(self, link: _Link) -> None:
@@ -240,6 +256,10 @@ class DispatcherRelay:
                         link.connected = True
                         self._connected_changed.set()
                         delay = 0.05
+                        # Envelopes for this node may have been lost while the stream was
+                        # down: the local streams look in the store for what they missed.
+                        if self._resync is not None:
+                            self._resync()
                     if reply.applied_report_version > link.applied_version:
                         link.applied_version = reply.applied_report_version
                         link.applied.set()
@@ -308,6 +328,7 @@ class DispatcherRelay:
                 self._outbox_ready.clear()
                 continue
             batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
+            self._in_flight = len(batch)
             request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
             order = self._publish_order()
             # Those that failed lately go last, not out: one of them may be the only one left.
@@ -326,14 +347,25 @@ class DispatcherRelay:
                         info.dispatcher_id,
                         exc.code().name,
                     )
+                    if exc.code() not in RETRYABLE:
+                        # Retrying cannot help; dropping keeps later envelopes moving (the
+                        # messages are stored, and streams resync).
+                        self._drop_in_flight(len(batch))
+                        break
                     continue
                 failed.discard(info.dispatcher_id)
                 del self._outbox[: len(batch)]
+                self._in_flight = 0
                 PUBLISHED.inc(len(batch))
                 break
             else:
+                self._in_flight = 0
                 if not order:
-                    DROPPED.inc(len(self._outbox))
-                    self._outbox.clear()
+                    self._drop_in_flight(len(self._outbox))
                 # Every dispatcher refused: wait a little before the next round.
                 await asyncio.sleep(0.1)
+
+    def _drop_in_flight(self, count: int) -> None:
+        DROPPED.inc(count)
+        del self._outbox[:count]
+        self._in_flight = 0

@@ -28,6 +28,9 @@ class Batch:
     messages: list[types_pb2.Message] = field(default_factory=list)
     unread_count: int | None = None
     reconnect: str = ""
+    # Something may have been stored for the user without reaching this stream (a relay was
+    # lost): compare the store's head with the cursor and fill in.
+    resync: bool = False
 
 
 class Stream:
@@ -73,6 +76,11 @@ class Stream:
                 self.on_overflow(self)
         self._wake.set()
 
+    def resync(self) -> None:
+        """Ask the writer to check the store for messages that never arrived live."""
+        self._batch.resync = True
+        self._wake.set()
+
     def close(self, reason: str) -> None:
         """Ask the writer to send a reconnect hint and end the stream."""
         if not self._batch.reconnect:
@@ -95,7 +103,12 @@ class Stream:
 
     def _has_work(self) -> bool:
         batch = self._batch
-        return bool(batch.messages) or batch.unread_count is not None or bool(batch.reconnect)
+        return (
+            bool(batch.messages)
+            or batch.unread_count is not None
+            or bool(batch.reconnect)
+            or batch.resync
+        )
 
 
 class Pool:

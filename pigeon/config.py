@@ -412,6 +412,14 @@ class NodeConfig(CommonConfig):
             minimum=1,
         ),
     )
+    max_streams_per_user: int = field(
+        default=32,
+        metadata=_rules(
+            "open streams one user may hold on one node (devices and tabs); more get "
+            "RESOURCE_EXHAUSTED",
+            minimum=1,
+        ),
+    )
     heartbeat_interval: float = field(
         default=15.0,
         metadata=_rules("interval of keep-alive events on client streams, seconds", positive=True),

@@ -204,7 +204,9 @@ def _scalar(descriptor: FieldDescriptor, text: str, where: str) -> Any:
         by_name = enum.values_by_name.get(text)
         if by_name is not None:
             return by_name.number
-        if text.lstrip("-").isdigit() and int(text) in enum.values_by_number:
+        # isascii: "²".isdigit() is true, but int("²") fails.
+        number = text.lstrip("-")
+        if number.isascii() and number.isdigit() and int(text) in enum.values_by_number:
             return int(text)
         names = ", ".join(v.name for v in enum.values)
         raise _invalid(
@@ -822,7 +824,12 @@ def _apply_resume(message: Any, request: Request) -> None:
     if not text:
         return
     seq_text, dot, broadcast_text = text.strip().partition(".")
-    if not (dot and seq_text.isdigit() and broadcast_text.isdigit()):
+    if not (
+        dot
+        and (seq_text + broadcast_text).isascii()
+        and seq_text.isdigit()
+        and broadcast_text.isdigit()
+    ):
         raise _invalid(
             f"Last-Event-ID must be <seq>.<broadcast_seq> as sent in an event's id, got "
             f"{text[:40]!r}",

@@ -35,17 +35,32 @@ class Listeners:
     http_address: str
 
 
+INTERNAL_CHANNEL_OPTIONS = [
+    # A peer that vanished without closing (a partition, a frozen host) is found within ~15 s,
+    # so long-lived streams between services do not hang on a dead connection.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect promptly once a restarted peer is back.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
 def channel_factory(config: CommonConfig) -> Callable[[str], grpc.aio.Channel]:
     """How this process opens channels to other Pigeon processes: TLS verified against tls_ca
     when it is set, plaintext otherwise."""
-    if not config.tls_ca:
-        return grpc.aio.insecure_channel
-    credentials = grpc.ssl_channel_credentials(Path(config.tls_ca).read_bytes())
+    credentials = (
+        grpc.ssl_channel_credentials(Path(config.tls_ca).read_bytes()) if config.tls_ca else None
+    )
 
-    def secure(address: str) -> grpc.aio.Channel:
-        return grpc.aio.secure_channel(address, credentials)
+    def make(address: str) -> grpc.aio.Channel:
+        if credentials is None:
+            return grpc.aio.insecure_channel(address, options=INTERNAL_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(address, credentials, options=INTERNAL_CHANNEL_OPTIONS)
 
-    return secure
+    return make
 
 
 def tls_files(config: CommonConfig) -> TlsFiles | None:

@@ -14,7 +14,7 @@ from node.core import NodeCore
 from node.store.base import Entry, Kind, NewMessage
 from node.store.memory import MemoryStore
 from node.validate import Outgoing
-from pigeon.errors import Unavailable
+from pigeon.errors import ResourceExhausted, Unavailable
 from pigeon.v1 import dispatcher_pb2, node_pb2
 
 pytestmark = pytest.mark.unit
@@ -211,3 +211,56 @@ async def test_a_page_of_large_messages_is_cut_to_a_size_clients_accept() -> Non
             if not token:
                 break
     assert pages > 1 and seen == list(range(60, 0, -1))
+
+
+async def test_a_lost_relay_is_found_in_the_store_on_resync() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        reader = Reader(core.subscribe("bob", None, None))
+        await reader.until(replayed)
+        # Stored by another node; its relay never arrives (a dispatcher stream broke).
+        await store.append([NewMessage("lost-1", "carol", Kind.USER, ("bob",), "", "x", {}, 1)])
+        await store.append([NewMessage("b-1", "ops", Kind.BROADCAST, (), "", "all", {}, 2)])
+        core.resync()
+        await reader.until(
+            lambda r: [m.id for e in r.events for m in e.messages] == ["lost-1", "b-1"]
+        )
+        await reader.stop()
+
+
+async def test_a_stale_unread_count_never_overwrites_a_newer_one() -> None:
+    store = MemoryStore()
+    original = store.unread_count
+    slow = asyncio.Event()
+
+    async def slow_count(user: str) -> int:
+        count = await original(user)
+        if slow.is_set():
+            slow.clear()  # only the recount after the send is slow
+            await asyncio.sleep(0.2)  # long enough to overlap the mark-read
+        return count
+
+    store.unread_count = slow_count  # type: ignore[method-assign]
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        reader = Reader(core.subscribe("bob", None, None))
+        await reader.until(replayed)
+        slow.set()
+        await core.send("alice", [outgoing("bob", "one")])  # a recount starts: it will say 1
+        await asyncio.sleep(0.05)
+        assert await core.mark_read("bob", everything=True) == 0
+        await asyncio.sleep(0.4)
+        counts = [e.unread_count for e in reader.events if e.HasField("unread_count")]
+        assert counts[-1] == 0, counts
+        await reader.stop()
+
+
+async def test_a_user_cannot_open_streams_without_end() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1", max_streams_per_user=2) as core:
+        readers = [Reader(core.subscribe("bob", None, None)) for _ in range(2)]
+        for reader in readers:
+            await reader.until(replayed)
+        with pytest.raises(ResourceExhausted) as caught:
+            await anext(core.subscribe("bob", None, None))
+        assert "limit is 2" in caught.value.message
+        for reader in readers:
+            await reader.stop()
