@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 JS_CLIENT := clients/js/node_modules/.installed
 CHROMIUM := /usr/bin/chromium
-PY_SOURCES := pigeon gate node dispatcher tests scripts
+PY_SOURCES := pigeon gate node dispatcher tests scripts bench
 
-.PHONY: help setup run test check gen docs lint-protos clean
+.PHONY: help setup run test check gen docs lint-protos clean bench bench-quick
 
 help:
 	@echo "make run     start a local cluster (etcd, dispatcher, gate, two nodes) on SQLite"
@@ -16,6 +16,8 @@ help:
 	@echo "make check   ruff format, ruff check, mypy --strict, buf lint, stub drift"
 	@echo "make gen     regenerate pigeon/v1 from protos/"
 	@echo "make docs    regenerate the configuration reference in README.md"
+	@echo "make bench        Pigeon beside a bare grpc.aio relay (~10 min): table, bench/results/"
+	@echo "make bench-quick  every benchmark scenario scaled down (~1 min)"
 
 # The virtual environment and the pinned dependencies, re-made when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -56,12 +58,18 @@ lint-protos: $(BUF)
 check: $(STAMP) lint-protos
 	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/ruff check $(PY_SOURCES)
-	$(BIN)/mypy pigeon gate node dispatcher
+	$(BIN)/mypy pigeon gate node dispatcher bench
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_docs.py --check
 
 test: check $(JS_CLIENT) $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
 
 clean:
 	rm -rf $(VENV) tools/node_modules clients/js/node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -91,6 +91,7 @@ class _Unread:
         self._pool = pool
         self._dirty: dict[str, None] = {}
         self._generation: dict[str, int] = {}
+        self._last: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -109,18 +110,32 @@ class _Unread:
             self._changed(user_id)
             self._wake.set()
 
-    def mark_everyone(self) -> None:
+    def one_more_for_everyone(self) -> None:
+        """A broadcast is one more unread message for every user: add it to the last count
+        sent where there is one (no store reads for a fan-out), and count the rest."""
         for user_id in self._pool.users():
-            self._dirty[user_id] = None
-            self._changed(user_id)
-        self._wake.set()
+            last = self._last.get(user_id)
+            if last is None:
+                self.mark(user_id)
+            else:
+                self.push(user_id, last + 1)
 
     def push(self, user_id: str, count: int) -> None:
         """A count already known (from a change on this node or another) goes out at once."""
-        self._dirty.pop(user_id, None)
-        self._changed(user_id)
+        self.settle(user_id, count)
         for stream in self._pool.streams_of(user_id):
             stream.push((), count)
+
+    def settle(self, user_id: str, count: int) -> None:
+        """The count is known and on its way (in the same event as the messages)."""
+        self._dirty.pop(user_id, None)
+        self._changed(user_id)
+        self._last[user_id] = count
+
+    def forget(self, user_id: str) -> None:
+        """The user's last stream here closed."""
+        self._last.pop(user_id, None)
+        self._generation.pop(user_id, None)
 
     def _changed(self, user_id: str) -> None:
         # A count read before this moment may be older than what is (or will be) pushed now.
@@ -149,6 +164,7 @@ class _Unread:
                     continue
                 if self._generation.get(user_id, 0) != generation:
                     continue  # stale: a newer count went out, or a recount is queued
+                self._last[user_id] = count
                 for stream in self._pool.streams_of(user_id):
                     stream.push((), count)
 
@@ -278,26 +294,33 @@ class NodeCore:
                 continue
             for recipient in new.recipients:
                 message = to_proto(_entry(new, result.seqs[recipient], recipient))
-                self._push(recipient, message)
-                envelopes.append(
-                    dispatcher_pb2.Envelope(
-                        recipient=recipient, message=message, origin_node_id=self.node_id
-                    )
+                unread = result.unread.get(recipient)
+                self._push(recipient, message, unread)
+                envelope = dispatcher_pb2.Envelope(
+                    recipient=recipient, message=message, origin_node_id=self.node_id
                 )
+                if unread is not None:
+                    envelope.unread_count = unread
+                envelopes.append(envelope)
         if envelopes:
             self.relay.relay(envelopes)
         return stored
 
-    def _push(self, recipient: str, message: types_pb2.Message) -> None:
+    def _push(self, recipient: str, message: types_pb2.Message, unread: int | None) -> None:
+        """Queue a message (and the recipient's unread count, when the store said it) to the
+        recipient's local streams; without a count, one is read and sent after."""
         if not self._recent.first_time(message.id, recipient):
             return
         # A copy: a stream that overflows leaves the pool during the loop.
         streams = tuple(self.pool.streams_of(recipient))
         if streams:
             for stream in streams:
-                stream.push((message,), None)
+                stream.push((message,), unread)
                 DELIVERED.inc()
-            self._unread.mark(recipient)
+            if unread is None:
+                self._unread.mark(recipient)
+            else:
+                self._unread.settle(recipient, unread)
 
     def _push_broadcast(self, message: types_pb2.Message) -> None:
         if not self._recent.first_time(message.id, ""):
@@ -305,7 +328,7 @@ class NodeCore:
         for stream in self.pool.all():
             stream.push((message,), None)
             DELIVERED.inc()
-        self._unread.mark_everyone()
+        self._unread.one_more_for_everyone()
 
     def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         """Deliver envelopes relayed from other nodes to the local streams they concern."""
@@ -313,7 +336,8 @@ class NodeCore:
             if envelope.broadcast:
                 self._push_broadcast(envelope.message)
             elif envelope.HasField("message"):
-                self._push(envelope.recipient, envelope.message)
+                unread = envelope.unread_count if envelope.HasField("unread_count") else None
+                self._push(envelope.recipient, envelope.message, unread)
             elif envelope.HasField("unread_count"):
                 self._unread.push(envelope.recipient, envelope.unread_count)
 
@@ -450,6 +474,7 @@ class NodeCore:
     def _leave(self, stream: Stream) -> None:
         if self.pool.remove(stream):
             self.relay.user_removed(stream.user_id)
+            self._unread.forget(stream.user_id)
 
     async def _events(
         self, stream: Stream, since_seq: int | None, since_broadcast_seq: int | None
@@ -461,6 +486,7 @@ class NodeCore:
         seq = _start(since_seq, head_seq, "since_seq")
         broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")
         unread = await _read(self.store.unread_count(user_id))
+        self._unread.settle(user_id, unread)
         yield node_pb2.SubscribeResponse(
             welcome=node_pb2.Welcome(
                 user_id=user_id,
@@ -471,7 +497,13 @@ class NodeCore:
             cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
         )
         replayed = 0
-        for broadcast in (False, True):
+        # Without a cursor the stream starts at the heads: nothing to replay, no reads.
+        streams_to_replay = [
+            broadcast
+            for broadcast, cursor in ((False, since_seq), (True, since_broadcast_seq))
+            if cursor is not None
+        ]
+        for broadcast in streams_to_replay:
             while True:
                 after = broadcast_seq if broadcast else seq
                 read = self.store.broadcasts_after if broadcast else self.store.inbox_after

@@ -461,6 +461,10 @@ def mint_user_token(
     return jwt.encode(payload, secret, algorithm=algorithm)
 
 
+VERIFIED_CACHE = 100_000
+"""How many verified session tokens a process remembers."""
+
+
 class SessionTokens:
     """Issues (Gate) and verifies (node) the session tokens that admit a user to a node.
 
@@ -491,6 +495,9 @@ class SessionTokens:
         self._key = hmac.new(secret.encode(), b"pigeon session token key v1", "sha256").digest()
         self._ttl = ttl
         self._leeway = leeway
+        # Verified tokens, so a client's every call does not pay PyJWT's ~300 us again; bounded,
+        # and an entry counts only until its token expires.
+        self._verified: dict[str, SessionClaims] = {}
 
     def issue(self, user_id: str, node_id: str) -> str:
         """Issue a session token.
@@ -515,6 +522,18 @@ class SessionTokens:
         return jwt.encode(payload, self._key, algorithm="HS256")
 
     def verify(self, token: str | None) -> SessionClaims:
+        """Check a session token (see :meth:`_verify`), remembering the ones that pass."""
+        if token:
+            known = self._verified.get(token)
+            if known is not None and time.time() < known.expires_at + self._leeway:
+                return known
+        claims = self._verify(token)
+        if len(self._verified) >= VERIFIED_CACHE:
+            self._verified.clear()
+        self._verified[token or ""] = claims
+        return claims
+
+    def _verify(self, token: str | None) -> SessionClaims:
         """Verify a session token.
 
         Args:

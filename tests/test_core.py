@@ -264,3 +264,27 @@ async def test_a_user_cannot_open_streams_without_end() -> None:
         assert "limit is 2" in caught.value.message
         for reader in readers:
             await reader.stop()
+
+
+async def test_a_broadcast_raises_every_unread_count_by_one_without_store_reads() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        await core.send("alice", [outgoing("bob", "before")])
+        readers = {u: Reader(core.subscribe(u, None, None)) for u in ("bob", "carol")}
+        for reader in readers.values():
+            await reader.until(replayed)
+        reads = 0
+        original = store.unread_count
+
+        async def counting(user: str) -> int:
+            nonlocal reads
+            reads += 1
+            return await original(user)
+
+        store.unread_count = counting  # type: ignore[method-assign]
+        await core.publish([Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)])
+        await readers["bob"].until(lambda r: r.events[-1].unread_count == 2)
+        await readers["carol"].until(lambda r: r.events[-1].unread_count == 1)
+        assert reads == 0
+        for reader in readers.values():
+            await reader.stop()

@@ -360,3 +360,23 @@ async def test_unread_counter_matches_the_messages_after_random_operations(
             casts = await store.broadcasts_before(user, None, 10_000, read=ReadFilter.UNREAD)
             assert count == len(inbox) + len(casts)
             assert count == await store.unread_count(user)
+
+
+async def test_append_reports_each_recipients_unread_count_with_the_commit(tmp_path) -> None:
+    from node.store.base import Kind, NewMessage
+    from node.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "unread.db"))
+    await store.open()
+    try:
+
+        def new(i: int, to: tuple[str, ...], kind: Kind = Kind.USER) -> NewMessage:
+            return NewMessage(f"u{i}", "alice", kind, to, "", "x", {}, i)
+
+        await store.append([new(0, (), Kind.BROADCAST)])
+        first, second = await store.append([new(1, ("bob", "carol")), new(2, ("bob",))])
+        assert second.unread == {"bob": 3}  # two messages and the broadcast
+        assert first.unread == {"bob": 3, "carol": 2}
+        assert await store.unread_count("bob") == 3
+    finally:
+        await store.close()

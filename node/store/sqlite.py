@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -602,7 +603,16 @@ def _append(conn: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Store
         )
     if broadcast_rows:
         conn.executemany("INSERT INTO broadcasts (seq, message_id) VALUES (?, ?)", broadcast_rows)
-    return [stored for stored in results if stored is not None]
+    # Each recipient's unread count as of this commit, read in the same transaction (two indexed
+    # lookups), so the node pushes it with the messages instead of reading it again later.
+    unread = {recipient: _unread_count(conn, recipient) for recipient in per_recipient}
+    return [
+        dataclasses.replace(stored, unread={r: unread[r] for r in stored.seqs})
+        if stored.seqs
+        else stored
+        for stored in results
+        if stored is not None
+    ]
 
 
 def _read_upto(conn: sqlite3.Connection, user: str) -> int:

@@ -1,0 +1,1 @@
+"""Pigeon's benchmark harness: `python -m bench` (see bench/README.md)."""
