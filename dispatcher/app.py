@@ -57,6 +57,7 @@ async def serve(config: DispatcherConfig) -> int:
         async with registered(
             config, dispatcher_key(config.etcd_prefix, dispatcher_id), info, refresh, 2.0
         ):
+            await listeners.grpc.set_serving(True)
             log.info("dispatcher %s serving gRPC on %s", dispatcher_id, listeners.address)
             await wait_for_stop()
     return 0

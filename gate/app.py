@@ -80,6 +80,7 @@ async def serve(config: GateConfig) -> int:
                 listen(config, services, auth, rest.routes) as listeners,
                 rest.forward_to(listeners.address, channel_factory(config)),
             ):
+                await listeners.grpc.set_serving(True)
                 log.info(
                     "gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address
                 )

@@ -141,6 +141,7 @@ async def _serve(
             refresh,
             config.load_report_interval,
         ) as registration:
+            await listeners.grpc.set_serving(True)
             log.info(
                 "node %s serving gRPC on %s, HTTP on %s",
                 node_id,

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pigeon.etcd_server import EtcdServer, free_port
+from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
 
@@ -255,13 +256,50 @@ class LocalCluster:
         """Start everything and wait until every service reports SERVING."""
         try:
             self.etcd.start(timeout=timeout)
-            for service in self.services:
+            # Dispatchers first: a node that starts before any dispatcher is registered
+            # serves alone until it finds one.
+            for service in self.dispatchers:
                 service.start()
-            for service in self.services:
+            for service in self.dispatchers:
                 service.wait_healthy(timeout)
+            for service in [*self.gates, *self.nodes]:
+                service.start()
+            for service in [*self.gates, *self.nodes]:
+                service.wait_healthy(timeout)
+            self._wait_gate_sees_nodes(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_gate_sees_nodes(self, timeout: float) -> None:
+        """Healthy nodes are registered; wait until the Gate's etcd watch has them too."""
+        if not self.nodes:
+            return
+        wanted = {n.name for n in self.nodes}
+        metadata = (("authorization", f"Bearer {self.secrets.api_key}"),)
+        deadline = time.monotonic() + timeout
+        ca = self.gate.env.get("PIGEON_TLS_CA")
+        channel = (
+            grpc.secure_channel(
+                self.gate.address, grpc.ssl_channel_credentials(Path(ca).read_bytes())
+            )
+            if ca
+            else grpc.insecure_channel(self.gate.address)
+        )
+        with channel:
+            stub = gate_pb2_grpc.GateStub(channel)
+            while True:
+                try:
+                    listed = stub.ListNodes(
+                        gate_pb2.ListNodesRequest(), metadata=metadata, timeout=2
+                    )
+                    if wanted <= {n.node_id for n in listed.nodes}:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the Gate did not see nodes {sorted(wanted)} in time")
+                time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop nodes first (they drain), then the Gate and dispatchers, then etcd."""

@@ -262,8 +262,12 @@ class GrpcServer:
         tls: TlsFiles | None = None,
         grace: float = 5.0,
         limits: Mapping[str, RateLimiter] | None = None,
+        serving: bool = True,
     ) -> None:
         self._services = list(services)
+        # A service that must finish starting (register in etcd) first passes False and calls
+        # set_serving(True) when it is ready, so "healthy" means "placeable".
+        self.serving = serving
         self._limits = dict(limits or {})
         self._host = host
         self._requested_port = port
@@ -299,12 +303,13 @@ class GrpcServer:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
-        await self.set_serving(True)
+        await self.set_serving(self.serving)
         log.info("gRPC listening on %s:%d (%s)", self._host, self.port, ", ".join(names))
         return self
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the whole server and each service."""
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving

@@ -75,7 +75,11 @@ async def listen(
     auth: Mapping[str, Authenticator],
     routes: Sequence[BaseRoute] = (),
 ) -> AsyncIterator[Listeners]:
-    """Start the gRPC server and the HTTP server (health, metrics and the given routes)."""
+    """Start the gRPC server and the HTTP server (health, metrics and the given routes).
+
+    Health says NOT_SERVING until the caller's set_serving(True): when it is registered and can
+    be placed on.
+    """
     host = config.advertise_host or config.host
     async with GrpcServer(
         services,
@@ -88,9 +92,9 @@ async def listen(
             "user": RateLimiter(config.user_rate, config.user_burst, "user"),
             "system": RateLimiter(config.key_rate, config.key_burst, "key"),
         },
+        serving=False,
     ) as grpc_server:
-        serving = [True]
-        http_routes = [*base_routes(lambda: serving[0]), *routes]
+        http_routes = [*base_routes(lambda: grpc_server.serving), *routes]
         async with HttpServer(
             http_routes,
             host=config.host,
@@ -106,7 +110,7 @@ async def listen(
                     f"{host}:{http_server.port}",
                 )
             finally:
-                serving[0] = False
+                grpc_server.serving = False
 
 
 async def wait_for_stop() -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
@@ -66,6 +67,8 @@ from pymongo.write_concern import WriteConcern
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Stored, StoreError
 
 __all__ = ["MongoStore"]
+
+log = logging.getLogger("pigeon.store.mongo")
 
 _T = TypeVar("_T")
 _Doc = dict[str, Any]
@@ -233,7 +236,12 @@ class MongoStore:
     async def close(self) -> None:
         """Wait for calls in progress, then release the connections."""
         self._closing = True
-        await self._idle.wait()
+        try:
+            # Bounded: a shutdown must not hang on a call that never returns.
+            async with asyncio.timeout(self._timeout_ms / 1000 + 5):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("mongodb: closing with %d calls still in progress", self._in_flight)
         client, self._client = self._client, None
         if client is not None:
             await client.close()
