@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
-
-import grpc.aio
 
 from gate.servicer import GateServicer
 from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
@@ -15,7 +12,7 @@ from pigeon.membership import ClusterView
 from pigeon.rest import RestGateway, default_web_root
 from pigeon.runtime import configure_logging, run
 from pigeon.server import PUBLIC, Principal, Service
-from pigeon.service import channel_factory, listen, wait_for_stop
+from pigeon.service import ChannelCache, channel_factory, listen, wait_for_stop
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["main", "serve"]
@@ -23,26 +20,6 @@ __all__ = ["main", "serve"]
 log = logging.getLogger("pigeon.gate")
 
 GATE = gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name
-
-
-class _Channels:
-    """One channel per node address, reused across calls."""
-
-    def __init__(self, make: Callable[[str], grpc.aio.Channel]) -> None:
-        self._make = make
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._make(address)
-            self._channels[address] = channel
-        return channel
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
 
 
 async def serve(config: GateConfig) -> int:
@@ -53,7 +30,7 @@ async def serve(config: GateConfig) -> int:
         return Principal("system", api_keys.check(token))
 
     user_tokens = UserTokenVerifier.from_config(config)
-    channels = _Channels(channel_factory(config))
+    channels = ChannelCache(channel_factory(config))
     async with ClusterView(
         config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
     ) as view:

@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 from prometheus_client import Counter
 
+from pigeon.service import ChannelCache
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
 
 __all__ = ["DispatcherRelay"]
@@ -124,12 +125,11 @@ class DispatcherRelay:
         self._deliver = deliver
         self._report_interval = report_interval
         self._publish_timeout = publish_timeout
-        self._channel = channel
         self._check_interval = check_interval
         self._ready_timeout = ready_timeout
         self._resync = resync
         self._in_flight = 0
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelCache(channel)
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
         self._outbox_ready = asyncio.Event()
@@ -155,9 +155,7 @@ class DispatcherRelay:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for channel in self._channels.values():
-            await channel.close(None)
-        self._channels.clear()
+        await self._channels.close()
 
     # The Relay protocol (called by the node core).
 
@@ -215,13 +213,6 @@ class DispatcherRelay:
 
     # Streams to dispatchers.
 
-    def _channel_to(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channel(address)
-            self._channels[address] = channel
-        return channel
-
     async def _supervise(self) -> None:
         while True:
             live = self._dispatchers()
@@ -240,15 +231,13 @@ class DispatcherRelay:
                     if link.task is not None:
                         link.task.cancel()
                     log.info("dispatcher %s left", dispatcher_id)
-            in_use = {link.address for link in self._links.values()}
-            for address in [a for a in self._channels if a not in in_use]:
-                await self._channels.pop(address).close(None)
+            await self._channels.keep_only(link.address for link in self._links.values())
             await asyncio.sleep(self._check_interval)
 
     async def _run_link(self, link: _Link) -> None:
         delay = 0.05
         while True:
-            stub = dispatcher_pb2_grpc.DispatcherStub(self._channel_to(link.address))
+            stub = dispatcher_pb2_grpc.DispatcherStub(self._channels.get(link.address))
             call = stub.Subscribe(self._reports(link), metadata=self._metadata)
             try:
                 async for reply in call:
@@ -334,7 +323,7 @@ class DispatcherRelay:
             # Those that failed lately go last, not out: one of them may be the only one left.
             order.sort(key=lambda info: info.dispatcher_id in failed)
             for info in order:
-                stub = dispatcher_pb2_grpc.DispatcherStub(self._channel_to(info.address))
+                stub = dispatcher_pb2_grpc.DispatcherStub(self._channels.get(info.address))
                 try:
                     await stub.Publish(
                         request, metadata=self._metadata, timeout=self._publish_timeout

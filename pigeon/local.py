@@ -91,23 +91,23 @@ class ServiceProcess:
                 start_new_session=True,
             )
 
-    def wait_healthy(self, timeout: float) -> None:
-        """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
-        deadline = time.monotonic() + timeout
-        ca = self.env.get("PIGEON_TLS_CA")
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to the service, with TLS when the cluster uses it."""
         # A short reconnect backoff: the default waits a second or more after the first refusal.
         options = [
             ("grpc.initial_reconnect_backoff_ms", 50),
             ("grpc.max_reconnect_backoff_ms", 200),
         ]
-        channel = (
-            grpc.secure_channel(
-                self.address, grpc.ssl_channel_credentials(Path(ca).read_bytes()), options
-            )
-            if ca
-            else grpc.insecure_channel(self.address, options)
-        )
-        with channel:
+        ca = self.env.get("PIGEON_TLS_CA")
+        if ca:
+            credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes())
+            return grpc.secure_channel(self.address, credentials, options)
+        return grpc.insecure_channel(self.address, options)
+
+    def wait_healthy(self, timeout: float) -> None:
+        """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not self.alive:
@@ -278,15 +278,7 @@ class LocalCluster:
         wanted = {n.name for n in self.nodes}
         metadata = (("authorization", f"Bearer {self.secrets.api_key}"),)
         deadline = time.monotonic() + timeout
-        ca = self.gate.env.get("PIGEON_TLS_CA")
-        channel = (
-            grpc.secure_channel(
-                self.gate.address, grpc.ssl_channel_credentials(Path(ca).read_bytes())
-            )
-            if ca
-            else grpc.insecure_channel(self.gate.address)
-        )
-        with channel:
+        with self.gate.channel() as channel:
             stub = gate_pb2_grpc.GateStub(channel)
             while True:
                 try:

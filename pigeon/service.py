@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,14 @@ from pigeon.ratelimit import RateLimiter
 from pigeon.runtime import freeze_heap, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
-__all__ = ["Listeners", "channel_factory", "listen", "tls_files", "wait_for_stop"]
+__all__ = [
+    "ChannelCache",
+    "Listeners",
+    "channel_factory",
+    "listen",
+    "tls_files",
+    "wait_for_stop",
+]
 
 log = logging.getLogger("pigeon.service")
 
@@ -61,6 +68,29 @@ def channel_factory(config: CommonConfig) -> Callable[[str], grpc.aio.Channel]:
         return grpc.aio.secure_channel(address, credentials, options=INTERNAL_CHANNEL_OPTIONS)
 
     return make
+
+
+class ChannelCache:
+    """One channel per peer address, reused across calls; closed when the peer is gone."""
+
+    def __init__(self, make: Callable[[str], grpc.aio.Channel]) -> None:
+        self._make = make
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = self._make(address)
+        return channel
+
+    async def keep_only(self, addresses: Iterable[str]) -> None:
+        """Close the channels to every address not in `addresses` (peers that left)."""
+        wanted = set(addresses)
+        for address in [a for a in self._channels if a not in wanted]:
+            await self._channels.pop(address).close(None)
+
+    async def close(self) -> None:
+        await self.keep_only(())
 
 
 def tls_files(config: CommonConfig) -> TlsFiles | None:
