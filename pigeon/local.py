@@ -47,7 +47,8 @@ class ClusterSecrets:
             "api_key": (env.get("PIGEON_API_KEYS") or "").split(",")[0] or saved.get("api_key"),
             "cluster_secret": env.get("PIGEON_CLUSTER_SECRET") or saved.get("cluster_secret"),
         }
-        filled = {k: v or secrets.token_urlsafe(32) for k, v in values.items()}
+        # Hex, not base64url: a secret starting with "-" reads as a flag (`--api-key -x...`).
+        filled = {k: v or secrets.token_hex(32) for k, v in values.items()}
         data_dir.mkdir(parents=True, exist_ok=True)
         saved_path.write_text(json.dumps(filled, indent=2))
         saved_path.chmod(0o600)
