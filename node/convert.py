@@ -11,16 +11,20 @@ from pigeon.v1 import types_pb2
 __all__ = ["new_message_id", "to_proto"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# Two characters per 10 bits: half the Python steps of one character per 5.
+_PAIRS = [_CROCKFORD[i >> 5] + _CROCKFORD[i & 31] for i in range(1024)]
+_PAIR_SHIFTS = tuple(range(115, 4, -10))
 
 
 def new_message_id() -> str:
     """A ULID: 48 bits of milliseconds then 80 random bits, so ids sort by creation time."""
     value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 26 characters of 5 bits: the top 3 bits, 12 pairs, the lowest 5 bits.
+    return (
+        _CROCKFORD[value >> 125]
+        + "".join([_PAIRS[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
+        + _CROCKFORD[value & 31]
+    )
 
 
 def to_proto(entry: Entry) -> types_pb2.Message:

@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 STORED = Counter("pigeon_node_messages_stored", "Messages stored by this node", ["kind"])
 DELIVERED = Counter("pigeon_node_messages_pushed", "Message copies queued to local streams")
+# Resolved once: labels() takes a lock and builds a key on every call.
+_STORED_BY_KIND = {kind: STORED.labels(kind.name.lower()) for kind in Kind}
 
 REPLAY_PAGE = 256
 MAX_EVENT_BYTES = 1 << 20
@@ -279,12 +281,13 @@ class NodeCore:
         # Delivery happens here, in the single writer, so streams see commit order.
         stored = await self.store.append(batch)
         envelopes: list[dispatcher_pb2.Envelope] = []
+        kinds: dict[Kind, int] = {}
         for new, result in zip(batch, stored, strict=True):
             if result.duplicate:
                 continue
-            STORED.labels(new.kind.name.lower()).inc()
+            kinds[new.kind] = kinds.get(new.kind, 0) + 1
             if new.kind == Kind.BROADCAST:
-                message = to_proto(_entry(new, result.broadcast_seq, ""))
+                message = _wire(new, result.broadcast_seq, "")
                 self._push_broadcast(message)
                 envelopes.append(
                     dispatcher_pb2.Envelope(
@@ -293,7 +296,7 @@ class NodeCore:
                 )
                 continue
             for recipient in new.recipients:
-                message = to_proto(_entry(new, result.seqs[recipient], recipient))
+                message = _wire(new, result.seqs[recipient], recipient)
                 unread = result.unread.get(recipient)
                 self._push(recipient, message, unread)
                 envelope = dispatcher_pb2.Envelope(
@@ -302,6 +305,8 @@ class NodeCore:
                 if unread is not None:
                     envelope.unread_count = unread
                 envelopes.append(envelope)
+        for kind, count in kinds.items():
+            _STORED_BY_KIND[kind].inc(count)
         if envelopes:
             self.relay.relay(envelopes)
         return stored
@@ -316,7 +321,7 @@ class NodeCore:
         if streams:
             for stream in streams:
                 stream.push((message,), unread)
-                DELIVERED.inc()
+            DELIVERED.inc(len(streams))
             if unread is None:
                 self._unread.mark(recipient)
             else:
@@ -325,9 +330,11 @@ class NodeCore:
     def _push_broadcast(self, message: types_pb2.Message) -> None:
         if not self._recent.first_time(message.id, ""):
             return
+        pushed = 0
         for stream in self.pool.all():
             stream.push((message,), None)
-            DELIVERED.inc()
+            pushed += 1
+        DELIVERED.inc(pushed)
         self._unread.one_more_for_everyone()
 
     def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
@@ -737,19 +744,20 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
     )
 
 
-def _entry(new: NewMessage, seq: int, recipient: str) -> Entry:
-    return Entry(
+def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:
+    """What to_proto makes of the stored message, built straight from what was written."""
+    message = types_pb2.Message(
         id=new.id,
         seq=seq,
         sender=new.sender,
-        kind=new.kind,
+        kind=int(new.kind),  # type: ignore[arg-type]
         title=new.title,
         body=new.body,
         metadata=new.metadata,
-        created_at_ns=new.created_at_ns,
-        read=False,
         recipient=recipient,
     )
+    message.created_at.FromNanoseconds(new.created_at_ns)
+    return message
 
 
 def _duration(seconds: float) -> Duration:

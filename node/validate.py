@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from pigeon.errors import InvalidArgument
 __all__ = ["MAX_SEQ", "Limits", "Outgoing", "decode_page_token", "encode_page_token"]
 
 MAX_ID_LENGTH = 128
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 # Stores keep seqs as signed 64-bit integers; anything larger cannot name a real message.
 MAX_SEQ = 2**63 - 1
 
@@ -56,7 +58,7 @@ def check_id(value: str, what: str) -> str:
             reason="ID_TOO_LONG",
             field=what,
         )
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise InvalidArgument(f"{what} contains control characters", reason="BAD_ID", field=what)
     return value
 

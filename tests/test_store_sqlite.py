@@ -378,5 +378,13 @@ async def test_append_reports_each_recipients_unread_count_with_the_commit(tmp_p
         assert second.unread == {"bob": 3}  # two messages and the broadcast
         assert first.unread == {"bob": 3, "carol": 2}
         assert await store.unread_count("bob") == 3
+        # Read marks count: the broadcast read on its own, everything read up to a seq.
+        assert await store.mark_read("bob", ids=["u0"]) == 2
+        assert await store.mark_read("carol", up_to_seq=1) == 1
+        # A broadcast in the same batch is part of the count that batch reports.
+        [_, third] = await store.append([new(3, (), Kind.BROADCAST), new(4, ("bob", "carol"))])
+        assert third.unread == {"bob": 4, "carol": 3}
+        assert third.unread["bob"] == await store.unread_count("bob")
+        assert third.unread["carol"] == await store.unread_count("carol")
     finally:
         await store.close()

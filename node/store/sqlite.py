@@ -26,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from json.encoder import encode_basestring as _json_string
 from typing import Any, Final, TypeVar
 
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Stored, StoreError
@@ -45,6 +46,8 @@ _DELETED: Final = 2
 # Well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32), and small enough that one statement
 # per chunk costs nothing next to the rows it touches.
 _IN_CHUNK: Final = 500
+# Rows per counters upsert: 3 parameters each, well under SQLite's 32,766.
+_UPSERT_ROWS: Final = 500
 _WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 
 _SCHEMA: Final = """
@@ -491,9 +494,13 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
 
 
 def _encode_metadata(metadata: Mapping[str, str]) -> str:
+    """A flat JSON object of strings; what json.dumps(ensure_ascii=False) writes, at a third of
+    its cost per call (it sets up an encoder each time, and this runs once per message)."""
     if not metadata:
         return "{}"
-    return json.dumps(dict(metadata), ensure_ascii=False, separators=(",", ":"))
+    return (
+        "{" + ",".join([_json_string(k) + ":" + _json_string(v) for k, v in metadata.items()]) + "}"
+    )
 
 
 def _entry(row: Any, recipient: str) -> Entry:
@@ -551,20 +558,25 @@ def _append(conn: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Store
                 per_recipient[recipient] = per_recipient.get(recipient, 0) + 1
         fresh.append((index, new, recipients))
 
-    # Reserve each recipient's seqs with one upsert: this transaction holds the write lock, so
-    # head_seq read back here is the only truth, across processes too.
+    # The broadcast head once this batch is in: recipients' unread counts include it.
+    broadcast_seq = _broadcast_head(conn) if broadcasts or per_recipient else 0
+    head_after = broadcast_seq + broadcasts
+    # Reserve each recipient's seqs with multi-row upserts: this transaction holds the write
+    # lock, so the head_seq they return is the only truth, across processes too. They return
+    # each recipient's unread count as of this commit as well, so the node pushes it with the
+    # messages instead of reading it again later.
     next_seq: dict[str, int] = {}
-    for recipient, count in per_recipient.items():
-        head = conn.execute(
-            "INSERT INTO counters (user, head_seq, unread) VALUES (?, ?, ?)"
-            " ON CONFLICT (user) DO UPDATE SET head_seq = head_seq + excluded.head_seq,"
-            " unread = unread + excluded.unread RETURNING head_seq",
-            (recipient, count, count),
-        ).fetchone()[0]
-        next_seq[recipient] = head - count + 1
-    broadcast_seq = 0
-    if broadcasts:
-        broadcast_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM broadcasts").fetchone()[0]
+    unread: dict[str, int] = {}
+    reserved = list(per_recipient.items())
+    for start in range(0, len(reserved), _UPSERT_ROWS):
+        chunk = reserved[start : start + _UPSERT_ROWS]
+        params: list[str | int] = []
+        for recipient, count in chunk:
+            params += (recipient, count, count)
+        params.append(head_after)
+        for user, head, count_unread in conn.execute(_upsert_counters(len(chunk)), params):
+            next_seq[user] = head - per_recipient[user] + 1
+            unread[user] = count_unread
 
     message_rows = []
     inbox_rows = []
@@ -593,7 +605,13 @@ def _append(conn: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Store
             next_seq[recipient] = seq + 1
             seqs[recipient] = seq
             inbox_rows.append((recipient, seq, new.id))
-        results[index] = Stored(new.id, seqs, this_broadcast, new.created_at_ns)
+        results[index] = Stored(
+            new.id,
+            seqs,
+            this_broadcast,
+            new.created_at_ns,
+            unread={recipient: unread[recipient] for recipient in recipients},
+        )
 
     conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", message_rows)
     if inbox_rows:
@@ -603,16 +621,7 @@ def _append(conn: sqlite3.Connection, batch: Sequence[NewMessage]) -> list[Store
         )
     if broadcast_rows:
         conn.executemany("INSERT INTO broadcasts (seq, message_id) VALUES (?, ?)", broadcast_rows)
-    # Each recipient's unread count as of this commit, read in the same transaction (two indexed
-    # lookups), so the node pushes it with the messages instead of reading it again later.
-    unread = {recipient: _unread_count(conn, recipient) for recipient in per_recipient}
-    return [
-        dataclasses.replace(stored, unread={r: unread[r] for r in stored.seqs})
-        if stored.seqs
-        else stored
-        for stored in results
-        if stored is not None
-    ]
+    return [stored for stored in results if stored is not None]
 
 
 def _read_upto(conn: sqlite3.Connection, user: str) -> int:
@@ -622,7 +631,27 @@ def _read_upto(conn: sqlite3.Connection, user: str) -> int:
     return 0 if row is None else int(row[0])
 
 
-def _unread_count(conn: sqlite3.Connection, user: str) -> int:
+@functools.cache
+def _upsert_counters(rows: int) -> str:
+    """Adds (user, n, n) rows to head_seq and unread; returns each user's new head_seq and unread
+    count given the broadcast head (the last parameter)."""
+    return (
+        "INSERT INTO counters (user, head_seq, unread) VALUES "
+        + ", ".join(["(?, ?, ?)"] * rows)
+        + " ON CONFLICT (user) DO UPDATE SET head_seq = head_seq + excluded.head_seq,"
+        " unread = unread + excluded.unread"
+        " RETURNING user, head_seq, unread + ? - broadcast_read_upto"
+        " - (SELECT count(*) FROM broadcast_state AS s"
+        "    WHERE s.user = counters.user AND s.seq > counters.broadcast_read_upto)"
+    )
+
+
+def _broadcast_head(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM broadcasts").fetchone()[0])
+
+
+def _unread_count(conn: sqlite3.Connection, user: str, head: int | None = None) -> int:
+    """`head`: the broadcast head, when already read in this transaction."""
     row = conn.execute(
         "SELECT c.unread, c.broadcast_read_upto,"
         " (SELECT count(*) FROM broadcast_state AS s"
@@ -630,7 +659,8 @@ def _unread_count(conn: sqlite3.Connection, user: str) -> int:
         " FROM counters AS c WHERE c.user = ?",
         (user,),
     ).fetchone()
-    head = conn.execute("SELECT coalesce(max(seq), 0) FROM broadcasts").fetchone()[0]
+    if head is None:
+        head = _broadcast_head(conn)
     if row is None:
         return int(head)
     unread, upto, individually_seen = row
