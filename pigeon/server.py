@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import grpc
 import grpc.aio
@@ -116,38 +116,47 @@ def _lookup(policy: Mapping[str, Authenticator], method: str) -> Authenticator |
     return found
 
 
-if TYPE_CHECKING:
-    _InterceptorBase = grpc.aio.ServerInterceptor[Any, Any]
-else:  # the stubs make it generic; the runtime class is not subscriptable
-    _InterceptorBase = grpc.aio.ServerInterceptor
+class _Guard:
+    """Stands in for the grpc.aio server while a generated ``add_*Servicer_to_server`` runs, and
+    registers each of its handlers wrapped once: authentication (and rate limits) first, errors
+    mapped to statuses after.
 
-
-class _Interceptor(_InterceptorBase):
-    """Authenticates every call of Pigeon's services and maps errors to statuses.
-
-    Pigeon methods without an entry in the policy are refused, so a new RPC is closed until
-    someone decides who may call it. Other services (health, reflection) are open.
+    Wrapping at registration rather than in a server interceptor spares every call the
+    interceptor chain and a new handler (~100 µs of a ~450 µs unary call). Pigeon methods without
+    an entry in the policy are refused, so a new RPC is closed until someone decides who may call
+    it. Health and reflection are registered on the server directly and stay open.
     """
 
     def __init__(
-        self, policy: Mapping[str, Authenticator], limits: Mapping[str, RateLimiter]
+        self,
+        server: grpc.aio.Server,
+        policy: Mapping[str, Authenticator],
+        limits: Mapping[str, RateLimiter],
     ) -> None:
+        self._server = server
         self._policy = policy
         self._limits = limits
+        self.registered: list[str] = []
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(details)
-        method: str = details.method
-        if handler is None or not method.startswith("/pigeon."):
-            return handler  # type: ignore[no-any-return]
-        authenticate = _lookup(self._policy, method)
-        if authenticate is None:
-            authenticate = _refuse
-        return _wrap(handler, method, authenticate, self._limits)
+    def add_generic_rpc_handlers(
+        self, handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
+    ) -> None:
+        """Ignored: the same handlers come (by name) through add_registered_method_handlers."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrapped = {}
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            authenticate = _lookup(self._policy, method) or _refuse
+            wrapped[name] = _wrap(handler, method, authenticate, self._limits)
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        # Newer than the type stubs: lets grpc find the handler without asking each generic one.
+        self._server.add_registered_method_handlers(service, wrapped)  # type: ignore[attr-defined]
+        self.registered.append(service)
 
 
 def _refuse(_token: str | None) -> Principal:
@@ -183,6 +192,7 @@ def _wrap(
         RPCS.labels(method, "INTERNAL").inc()
         await abort(context, Internal(f"internal error (incident {incident})"))
 
+    succeeded = RPCS.labels(method, "OK")
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
@@ -194,7 +204,7 @@ def _wrap(
                 raise
             except Exception as exc:
                 await fail(context, exc)
-            RPCS.labels(method, "OK").inc()
+            succeeded.inc()
             return response
 
         return grpc.unary_unary_rpc_method_handler(
@@ -205,13 +215,13 @@ def _wrap(
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, enter, fail, method),
+            _streaming(handler.unary_stream, enter, fail, succeeded),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, enter, fail, method),
+            _streaming(handler.stream_stream, enter, fail, succeeded),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -222,7 +232,7 @@ def _streaming(
     inner: Callable[..., Any],
     enter: Callable[[grpc.aio.ServicerContext[Any, Any]], Any],
     fail: Callable[[grpc.aio.ServicerContext[Any, Any], Exception], Any],
-    method: str,
+    succeeded: Any,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def streaming(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -239,7 +249,7 @@ def _streaming(
             raise
         except Exception as exc:
             await fail(context, exc)
-        RPCS.labels(method, "OK").inc()
+        succeeded.inc()
 
     return streaming
 
@@ -279,11 +289,15 @@ class GrpcServer:
         self.port = 0
 
     async def __aenter__(self) -> GrpcServer:
-        server = grpc.aio.server(
-            interceptors=[_Interceptor(self._auth, self._limits)], options=server_options()
-        )
+        server = grpc.aio.server(options=server_options())
         for service in self._services:
-            service.add(server)
+            guard = _Guard(server, self._auth, self._limits)
+            service.add(guard)  # type: ignore[arg-type]
+            if guard.registered != [service.name]:
+                raise TypeError(
+                    f"{service.name}: the generated stubs did not register it by name "
+                    "(regenerate them with `make gen`)"
+                )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [s.name for s in self._services]
         reflection.enable_server_reflection(

@@ -1,0 +1,93 @@
+"""pigeon.server's guard on a real grpc.aio server: each Pigeon method is authenticated by its
+policy entry, methods without one are closed, health stays open, errors become statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pigeon.errors import InvalidArgument, Unauthenticated
+from pigeon.server import GrpcServer, Principal, Service, current_principal
+from pigeon.v1 import node_pb2, node_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+class _Node(node_pb2_grpc.NodeServicer):
+    async def Send(self, request: node_pb2.SendRequest, context: Any) -> node_pb2.SendResponse:
+        if request.body == "bad":
+            raise InvalidArgument("body must not be bad", field="body")
+        if request.body == "boom":
+            raise RuntimeError("a bug")
+        return node_pb2.SendResponse(message_id=current_principal().id)
+
+    async def GetUnreadCount(
+        self, request: node_pb2.GetUnreadCountRequest, context: Any
+    ) -> node_pb2.GetUnreadCountResponse:
+        return node_pb2.GetUnreadCountResponse(unread_count=7)
+
+
+def _user(token: str | None) -> Principal:
+    if token != "good":
+        raise Unauthenticated("bad token", reason="TOKEN_BAD_SIGNATURE")
+    return Principal("user", "alice")
+
+
+async def test_policy_guards_each_method_and_health_stays_open() -> None:
+    service = Service(
+        "pigeon.v1.Node", lambda s: node_pb2_grpc.add_NodeServicer_to_server(_Node(), s)
+    )
+    # Only Send has an entry: GetUnreadCount is closed.
+    policy = {"/pigeon.v1.Node/Send": _user}
+    async with (
+        GrpcServer([service], auth=policy) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = node_pb2_grpc.NodeStub(channel)
+        reply = await stub.Send(
+            node_pb2.SendRequest(body="hi"), metadata=(("authorization", "Bearer good"),), timeout=5
+        )
+        assert reply.message_id == "alice"
+
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.Send(
+                node_pb2.SendRequest(body="hi"),
+                metadata=(("authorization", "Bearer x"),),
+                timeout=5,
+            )
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "bad token" in (denied.value.details() or "")
+
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await stub.GetUnreadCount(
+                node_pb2.GetUnreadCountRequest(),
+                metadata=(("authorization", "Bearer good"),),
+                timeout=5,
+            )
+        assert closed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "takes no callers" in (closed.value.details() or "")
+
+        with pytest.raises(grpc.aio.AioRpcError) as invalid:
+            await stub.Send(
+                node_pb2.SendRequest(body="bad"),
+                metadata=(("authorization", "Bearer good"),),
+                timeout=5,
+            )
+        assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as internal:
+            await stub.Send(
+                node_pb2.SendRequest(body="boom"),
+                metadata=(("authorization", "Bearer good"),),
+                timeout=5,
+            )
+        assert internal.value.code() == grpc.StatusCode.INTERNAL
+        assert "incident" in (internal.value.details() or "")
+
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="pigeon.v1.Node"), timeout=5
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
