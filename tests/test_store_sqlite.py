@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import random
 import sqlite3
 import sys
@@ -274,6 +275,21 @@ async def test_file_is_in_wal_mode_so_reads_run_beside_writes(
         conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+async def test_wal_is_copied_into_the_database_beside_the_writer(
+    store: SqliteStore, db_path: str
+) -> None:
+    from node.store.sqlite import CHECKPOINT_INTERVAL
+
+    before = await asyncio.to_thread(os.path.getsize, db_path)
+    # Far below the writer's own checkpoint threshold: only the background checkpoints move
+    # these pages into the database file while the store stays open.
+    for _ in range(20):
+        await store.append([msg(("bob", "carol"), body="x" * 2000) for _ in range(10)])
+    await asyncio.sleep(CHECKPOINT_INTERVAL * 3)
+    assert await asyncio.to_thread(os.path.getsize, db_path) > before + 200 * 2000
+    assert await store.heads("bob") == (200, 0)
 
 
 async def test_write_fails_cleanly_when_another_writer_holds_the_lock_too_long(
