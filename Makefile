@@ -8,7 +8,7 @@ JS_CLIENT := clients/js/node_modules/.installed
 CHROMIUM := /usr/bin/chromium
 PY_SOURCES := pigeon gate node dispatcher tests scripts bench
 
-.PHONY: help setup run test check gen docs lint-protos clean bench bench-quick
+.PHONY: help setup run test check gen docs lint-protos clean bench bench-quick soak
 
 help:
 	@echo "make run     start a local cluster (etcd, dispatcher, gate, two nodes) on SQLite"
@@ -18,6 +18,7 @@ help:
 	@echo "make docs    regenerate the configuration reference in README.md"
 	@echo "make bench        Pigeon beside a bare grpc.aio relay (~10 min): table, bench/results/"
 	@echo "make bench-quick  every benchmark scenario scaled down (~1 min)"
+	@echo "make soak         5,000 clients, 1,000 msgs/s for 10 min: delivered == acknowledged?"
 
 # The virtual environment and the pinned dependencies, re-made when pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -70,6 +71,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) tools/node_modules clients/js/node_modules .mypy_cache .ruff_cache .pytest_cache

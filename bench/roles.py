@@ -7,16 +7,20 @@ share the clock.
 
 Messages sent by the load carry their send time in `metadata["t"]`; receivers subtract it from
 their arrival time for latency. The broadcast of the fan-out scenario carries `metadata["fanout"]`.
+The soak's messages also carry their number in the run, `metadata["n"]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import random
 import time
 from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -574,6 +578,471 @@ async def connect(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
         await channels.close()
 
 
+# --- soak ----------------------------------------------------------------------------------
+
+
+def _soak_key(message_id: str, user: int) -> str:
+    """What the soak checks: one message (by id) delivered to one user (by its number)."""
+    return f"{message_id}:{user}"
+
+
+def _minute(due_ns: int, start_ns: int, minutes: int) -> int:
+    """The minute of the run a message was due in, 0-based."""
+    return min(max(0, (due_ns - start_ns) // 60_000_000_000), minutes - 1)
+
+
+class _SoakClient:
+    """One soak user: its token for the Gate, its inbox cursor, where it was first placed."""
+
+    __slots__ = ("address", "connected", "node", "number", "seq", "token")
+
+    def __init__(self, number: int, token: str) -> None:
+        self.number = number
+        self.token = token
+        self.seq: int | None = None
+        self.node = ""
+        self.address = ""
+        self.connected = False
+
+
+class _SoakInbox:
+    """What the soak clients of one worker were delivered, and how their streams fared."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        self.connected = 0
+        self.all_connected = asyncio.Event()
+        if not clients:
+            self.all_connected.set()
+        # Streams past their replay now.
+        self.live = 0
+        self.start_ns = 0
+        self.minutes = 1
+        # Key (_soak_key) of every message delivered -> its number in the run ("n"; -1 if none).
+        self.delivered: dict[str, int] = {}
+        # The same message delivered twice past the cursor: a duplicate the application sees.
+        self.duplicates = 0
+        # Pushes at or below the cursor, dropped as the real client drops them (at-least-once).
+        self.repeats = 0
+        # Live messages that skipped a seq; each sends the client back through the Gate.
+        self.gaps = 0
+        # Why streams ended (each end is a reconnect).
+        self.ends: Counter[str] = Counter()
+        self.per_minute = [0]
+        self.latencies = [array("q")]
+        # What the harness still waits for after the load (settle), once it has said.
+        self.outstanding: set[str] | None = None
+        self.settled = asyncio.Event()
+
+    def begin(self, start_ns: int, minutes: int) -> None:
+        self.start_ns = start_ns
+        self.minutes = max(1, minutes)
+        self.per_minute = [0] * self.minutes
+        self.latencies = [array("q") for _ in range(self.minutes)]
+        self.ends.clear()
+
+    def accept(self, user: int, message: types_pb2.Message, now: int) -> None:
+        key = _soak_key(message.id, user)
+        if key in self.delivered:
+            self.duplicates += 1
+            return
+        metadata = message.metadata
+        number = metadata.get("n")
+        self.delivered[key] = int(number) if number is not None else -1
+        sent = metadata.get("t")
+        if sent is not None and self.start_ns:
+            due = int(sent)
+            minute = _minute(due, self.start_ns, self.minutes)
+            self.per_minute[minute] += 1
+            self.latencies[minute].append(now - due)
+        if self.outstanding is not None:
+            self.outstanding.discard(key)
+            if not self.outstanding:
+                self.settled.set()
+
+    def connect(self, client: _SoakClient, node: str, address: str) -> None:
+        client.connected = True
+        client.node = node
+        client.address = address
+        self.connected += 1
+        if self.connected >= self.clients:
+            self.all_connected.set()
+
+
+async def _soak_follow(
+    client: _SoakClient,
+    inbox: _SoakInbox,
+    call: Any,
+    event: node_pb2.SubscribeResponse,
+    silence: float,
+    where: tuple[str, str],
+) -> tuple[str, bool, float | None]:
+    """Read one stream as the real client does (pigeon.client.user): drop what is at or below
+    the cursor, leave on a live gap, on a reconnect event, on silence or on an error."""
+    live = False
+    try:
+        while True:
+            now = time.time_ns()
+            for message in event.messages:
+                if message.kind == types_pb2.MESSAGE_KIND_BROADCAST:
+                    continue
+                if client.seq is not None and message.seq <= client.seq:
+                    inbox.repeats += 1
+                    continue
+                if live and client.seq is not None and message.seq != client.seq + 1:
+                    inbox.gaps += 1
+                    return "gap", True, 0.0
+                client.seq = message.seq
+                inbox.accept(client.number, message, now)
+            if not live and event.HasField("replay_done"):
+                live = True
+                inbox.live += 1
+                if not client.connected:
+                    inbox.connect(client, *where)
+            if event.HasField("reconnect"):
+                wait = event.reconnect.retry_after.ToNanoseconds() / 1e9
+                return f"reconnect {event.reconnect.reason}", live, wait
+            try:
+                async with asyncio.timeout(silence):
+                    received = await call.read()
+            except TimeoutError:
+                return "heartbeat timeout", live, 0.0
+            except grpc.aio.AioRpcError as exc:
+                return f"stream {exc.code().name}", live, None
+            if not isinstance(received, node_pb2.SubscribeResponse):
+                return "stream ended", live, None
+            event = received
+    finally:
+        if live:
+            inbox.live -= 1
+
+
+@dataclass(frozen=True)
+class _SoakLinks:
+    """How a worker's soak clients reach the cluster."""
+
+    gate: gate_pb2_grpc.GateAsyncStub
+    nodes: Channels
+    # Connects at once: thousands of clients connecting together would only time each other out.
+    connecting: asyncio.Semaphore
+    call_timeout: float
+
+
+async def _soak_session(
+    client: _SoakClient, inbox: _SoakInbox, links: _SoakLinks
+) -> tuple[str, bool, float | None]:
+    """One connection of a client: Gate.Connect, Subscribe from its cursor, the stream until it
+    ends. Returns why it ended, whether it went live, and how long the node asked to wait."""
+    call: Any = None
+    timeout = links.call_timeout
+    try:
+        async with links.connecting:
+            try:
+                reply = await links.gate.Connect(
+                    gate_pb2.ConnectRequest(token=client.token), timeout=timeout
+                )
+            except grpc.aio.AioRpcError as exc:
+                return f"gate {exc.code().name}", False, None
+            request = node_pb2.SubscribeRequest()
+            if client.seq is not None:
+                request.since_seq = client.seq
+            stub = node_pb2_grpc.NodeStub(links.nodes.get(reply.node_address))
+            call = stub.Subscribe(request, metadata=bearer(reply.session_token))
+            try:
+                async with asyncio.timeout(timeout):
+                    first = await call.read()
+            except TimeoutError:
+                return "subscribe TIMEOUT", False, None
+            except grpc.aio.AioRpcError as exc:
+                return f"subscribe {exc.code().name}", False, None
+        if not isinstance(first, node_pb2.SubscribeResponse) or not first.HasField("welcome"):
+            return "subscribe ended", False, None
+        if client.seq is None:
+            client.seq = first.cursor.seq
+        heartbeat = first.welcome.heartbeat_interval.ToNanoseconds() / 1e9
+        heartbeat = heartbeat or reply.heartbeat_interval.ToNanoseconds() / 1e9 or 15.0
+        where = (reply.node_id, reply.node_address)
+        return await _soak_follow(client, inbox, call, first, heartbeat * 2.5, where)
+    finally:
+        if call is not None:
+            call.cancel()
+
+
+async def _soak_client(client: _SoakClient, inbox: _SoakInbox, links: _SoakLinks) -> None:
+    """A client for as long as the role runs: every end of its stream is a reconnect."""
+    failures = 0
+    while True:
+        reason, live, wait = await _soak_session(client, inbox, links)
+        inbox.ends[reason] += 1
+        failures = 0 if live else failures + 1
+        if wait is None:
+            # Exponential backoff with full jitter, as the real client does after failures.
+            wait = random.uniform(0, min(5.0, 0.1 * 2**failures))
+        await asyncio.sleep(wait)
+
+
+async def soak_receive(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
+    """Soak clients connected as a real client connects: Gate.Connect, Subscribe on the node it
+    names, and again through the Gate from the cursor after any end of the stream (a gap in the
+    seqs included). Records every message delivered, by send minute, with its latency.
+
+    Params: target, gate, prefix, users (user numbers), channels (per node), concurrency
+    (connects at once), call_timeout, token_ttl, ready_timeout. Commands: go (start_ns,
+    minutes); stats (answered with `stats`) until settle (expected: the keys of the messages
+    acknowledged for these users, newline-separated; timeout), which waits until every one of
+    them is here (or the timeout passes) and ends the role with the report.
+    """
+    target = p["target"]
+    prefix = p["prefix"]
+    gate_channels = Channels(1)
+    node_channels = Channels(p.get("channels", 4))
+    inbox = _SoakInbox(len(p["users"]))
+    tasks: list[asyncio.Task[None]] = []
+    started = time.monotonic()
+    try:
+        await gate_channels.ready(p["gate"])
+        links = _SoakLinks(
+            gate=gate_pb2_grpc.GateStub(gate_channels.get(p["gate"])),
+            nodes=node_channels,
+            connecting=asyncio.Semaphore(p.get("concurrency", 100)),
+            call_timeout=p.get("call_timeout", 30.0),
+        )
+        ttl = p.get("token_ttl", 3600)
+        clients = [
+            _SoakClient(n, mint_user_token(target["jwt_secret"], f"{prefix}{n}", ttl=ttl))
+            for n in p["users"]
+        ]
+        tasks = [asyncio.create_task(_soak_client(client, inbox, links)) for client in clients]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(p.get("ready_timeout", 120.0)):
+                await inbox.all_connected.wait()
+        ctl.send(
+            "ready",
+            connected=inbox.connected,
+            failed=len(clients) - inbox.connected,
+            errors=dict(inbox.ends),
+            seconds=time.monotonic() - started,
+            placement=[[c.number, c.address, c.node] for c in clients if c.connected],
+        )
+        go = await ctl.recv("go", COMMAND_TIMEOUT)
+        inbox.begin(go["start_ns"], go["minutes"])
+        while True:
+            command = await ctl.recv(("stats", "settle"), COMMAND_TIMEOUT)
+            if command["op"] == "settle":
+                break
+            ctl.send(
+                "stats",
+                delivered=len(inbox.delivered),
+                live=inbox.live,
+                reconnects=sum(inbox.ends.values()),
+                gaps=inbox.gaps,
+            )
+        expected = set(filter(None, command["expected"].split("\n")))
+        waited = time.monotonic()
+        inbox.outstanding = expected.difference(inbox.delivered)
+        if inbox.outstanding:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(command["timeout"]):
+                    await inbox.settled.wait()
+        settle_s = time.monotonic() - waited
+        missing = sorted(inbox.outstanding)
+        unexpected = {k: n for k, n in inbox.delivered.items() if k not in expected}
+        return {
+            "delivered": len(inbox.delivered),
+            "per_minute": inbox.per_minute,
+            "latencies": [samples.tobytes() for samples in inbox.latencies],
+            "duplicates": inbox.duplicates,
+            "repeats": inbox.repeats,
+            "gaps": inbox.gaps,
+            "reconnects": dict(inbox.ends),
+            "live": inbox.live,
+            "missing": len(missing),
+            "missing_sample": missing[:20],
+            "unexpected": len(unexpected),
+            "unexpected_sample": sorted(unexpected)[:20],
+            "unexpected_numbers": sorted(unexpected.values())[:10_000],
+            "settle_s": settle_s,
+        }
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await node_channels.close()
+        await gate_channels.close()
+
+
+class _SoakSends:
+    """What one soak sender worker sent, per send minute."""
+
+    def __init__(self, minutes: int, groups: int) -> None:
+        self.sent = [0] * minutes
+        self.acked = [0] * minutes
+        self.failed: list[Counter[str]] = [Counter() for _ in range(minutes)]
+        # The keys of the acknowledged messages, by the receiver worker holding the recipient.
+        self.keys: list[list[str]] = [[] for _ in range(groups)]
+        self.failed_numbers: list[int] = []
+        # Messages whose sender and recipient were placed on the same node.
+        self.same_node = 0
+        self.in_flight = 0
+        self.max_lag_ns = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sent": sum(self.sent),
+            "acked": sum(self.acked),
+            "failed": sum(sum(c.values()) for c in self.failed),
+            "in_flight": self.in_flight,
+            "max_lag_ms": self.max_lag_ns / 1e6,
+        }
+
+
+async def soak_send(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
+    """Open-loop Send calls at a fixed rate of messages, from a random soak client to other
+    random ones: `batch` messages per call (each to its own recipient), the call leaving when
+    its last message is due, so the earlier ones wait in the client and that wait counts as
+    latency. Each call goes to the node the sender was placed on, so the load is both
+    same-node and cross-node. Each message's "t" is its scheduled time (no coordinated
+    omission) and "n" its number in the run. Records the key of every acknowledged message.
+
+    Params: target, prefix, clients ([number, node address, node id] each), rate (messages/s of
+    the whole run), batch, part and parts (this worker sends messages part, part + parts, ...),
+    groups (user n is held by receiver worker n % groups), body, channels, call_timeout,
+    token_ttl, seed. Commands: go (start_ns, duration_ns); stats (answered with `stats`) until
+    finish, which waits for the calls in flight (at most call_timeout) and ends the role.
+    """
+    sessions = SessionTokens(p["target"]["cluster_secret"], ttl=p.get("token_ttl", 3600))
+    channels = Channels(p.get("channels", 2))
+    prefix = p["prefix"]
+    clients = p["clients"]
+    body = "x" * p["body"]
+    timeout = p.get("call_timeout", 30.0)
+    part, parts, groups = p["part"], p["parts"], p["groups"]
+    load: asyncio.Task[None] | None = None
+    try:
+        addresses = sorted({address for _, address, _ in clients})
+        stubs: dict[str, list[node_pb2_grpc.NodeAsyncStub]] = {}
+        for address in addresses:
+            await channels.ready(address)
+            stubs[address] = [
+                node_pb2_grpc.NodeStub(channels.get(address)) for _ in range(p.get("channels", 2))
+            ]
+        # A session for each client on its node, as the Gate gives one (minted here: the
+        # receivers' sessions are theirs, and may be renewed).
+        senders = [
+            (stubs[address], bearer(sessions.issue(f"{prefix}{number}", node)))
+            for number, address, node in clients
+        ]
+        ctl.send("ready")
+        go = await ctl.recv("go", COMMAND_TIMEOUT)
+        start, end = go["start_ns"], go["start_ns"] + go["duration_ns"]
+        minutes = max(1, math.ceil(go["duration_ns"] / 60e9))
+        state = _SoakSends(minutes, groups)
+        rng = random.Random(p.get("seed", 0) * 1_000_003 + part)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(
+            stub: node_pb2_grpc.NodeAsyncStub,
+            metadata: tuple[tuple[str, str], ...],
+            request: node_pb2.SendRequest,
+            messages: list[tuple[int, int, int]],
+        ) -> None:
+            """`messages`: (recipient, minute, number) of each message of the request."""
+            state.in_flight += 1
+            try:
+                reply = await stub.Send(request, metadata=metadata, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                for _, minute, number in messages:
+                    state.failed[minute][exc.code().name] += 1
+                    state.failed_numbers.append(number)
+                return
+            except asyncio.CancelledError:
+                for _, minute, number in messages:
+                    state.failed[minute]["UNANSWERED"] += 1
+                    state.failed_numbers.append(number)
+                raise
+            finally:
+                state.in_flight -= 1
+            ids = reply.message_ids or [reply.message_id]
+            for message_id, (recipient, minute, _) in zip(ids, messages, strict=True):
+                state.keys[recipient % groups].append(_soak_key(message_id, recipient))
+                state.acked[minute] += 1
+
+        async def offer() -> None:
+            count = len(clients)
+            batch = max(1, p.get("batch", 1))
+            number = part
+            interval = 1e9 / p["rate"]
+            while start + int(number * interval) < end:
+                numbers = [number + i * parts for i in range(batch)]
+                numbers = [n for n in numbers if start + int(n * interval) < end]
+                due = start + int(numbers[-1] * interval)
+                # sleep(0) when late: the calls already started must get to run.
+                await asyncio.sleep(max(0.0, (due - time.time_ns()) / 1e9))
+                state.max_lag_ns = max(state.max_lag_ns, time.time_ns() - due)
+                sender = rng.randrange(count)
+                drafts = []
+                messages = []
+                for n in numbers:
+                    other = rng.randrange(count - 1)
+                    recipient, _, recipient_node = clients[other + (other >= sender)]
+                    state.same_node += recipient_node == clients[sender][2]
+                    message_due = start + int(n * interval)
+                    minute = _minute(message_due, start, minutes)
+                    drafts.append(
+                        types_pb2.Draft(
+                            to=[f"{prefix}{recipient}"],
+                            body=body,
+                            metadata={"t": str(message_due), "n": str(n)},
+                        )
+                    )
+                    messages.append((recipient, minute, n))
+                    state.sent[minute] += 1
+                node_stubs, metadata = senders[sender]
+                request = (
+                    node_pb2.SendRequest(
+                        to=drafts[0].to, body=drafts[0].body, metadata=drafts[0].metadata
+                    )
+                    if len(drafts) == 1
+                    else node_pb2.SendRequest(batch=drafts)
+                )
+                stub = node_stubs[number % len(node_stubs)]
+                task = asyncio.create_task(one(stub, metadata, request, messages))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                number = numbers[-1] + parts
+            if pending:
+                await asyncio.wait(set(pending), timeout=timeout + 5)
+            for task in list(pending):
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        load = asyncio.create_task(offer())
+        while True:
+            command = await ctl.recv(("stats", "finish"), COMMAND_TIMEOUT)
+            if command["op"] == "finish":
+                break
+            ctl.send("stats", **state.stats())
+        # The load ends by itself: its last call is due before `end` and waited for at most
+        # `timeout` + 5 s; the margin covers a starved process.
+        async with asyncio.timeout(max(0.0, (end - time.time_ns()) / 1e9) + timeout + 30):
+            await load
+        return {
+            "sent": state.sent,
+            "acked": state.acked,
+            "failed": [dict(c) for c in state.failed],
+            "keys": ["\n".join(keys) for keys in state.keys],
+            "failed_numbers": state.failed_numbers,
+            "same_node": state.same_node,
+            "max_lag_ns": state.max_lag_ns,
+        }
+    finally:
+        if load is not None and not load.done():
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await load
+        await channels.close()
+
+
 Role = Callable[[Control, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 ROLES: dict[str, Role] = {
@@ -583,4 +1052,6 @@ ROLES: dict[str, Role] = {
     "publish": publish,
     "storm": storm,
     "connect": connect,
+    "soak_receive": soak_receive,
+    "soak_send": soak_send,
 }
