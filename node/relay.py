@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -16,6 +18,9 @@ from prometheus_client import Counter
 
 from pigeon.service import ChannelCache
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
+
+if TYPE_CHECKING:
+    from pigeon.v1.dispatcher_pb2_grpc import DispatcherAsyncStub
 
 __all__ = ["DispatcherRelay"]
 
@@ -130,6 +135,7 @@ class DispatcherRelay:
         self._resync = resync
         self._in_flight = 0
         self._channels = ChannelCache(channel)
+        self._stubs: dict[str, tuple[grpc.aio.Channel, DispatcherAsyncStub]] = {}
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
         self._outbox_ready = asyncio.Event()
@@ -301,13 +307,26 @@ class DispatcherRelay:
 
     def _publish_order(self) -> list[types_pb2.DispatcherInfo]:
         """Dispatchers in the order this node tries them: spread nodes over dispatchers."""
+        return sorted(
+            self._dispatchers().values(),
+            key=lambda info: self._weight(info.dispatcher_id),
+            reverse=True,
+        )
 
-        def weight(info: types_pb2.DispatcherInfo) -> bytes:
-            return hashlib.blake2b(
-                f"{self._node_id}\x00{info.dispatcher_id}".encode(), digest_size=8
-            ).digest()
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - one relay per node process
+    def _weight(self, dispatcher_id: str) -> bytes:
+        return hashlib.blake2b(
+            f"{self._node_id}\x00{dispatcher_id}".encode(), digest_size=8
+        ).digest()
 
-        return sorted(self._dispatchers().values(), key=weight, reverse=True)
+    def _publish_stub(self, address: str) -> DispatcherAsyncStub:
+        """One stub per channel: a stub builds a callable per method when made."""
+        channel = self._channels.get(address)
+        known = self._stubs.get(address)
+        if known is None or known[0] is not channel:
+            known = (channel, dispatcher_pb2_grpc.DispatcherStub(channel))
+            self._stubs[address] = known
+        return known[1]
 
     async def _publish_loop(self) -> None:
         failed: set[str] = set()
@@ -323,7 +342,7 @@ class DispatcherRelay:
             # Those that failed lately go last, not out: one of them may be the only one left.
             order.sort(key=lambda info: info.dispatcher_id in failed)
             for info in order:
-                stub = dispatcher_pb2_grpc.DispatcherStub(self._channels.get(info.address))
+                stub = self._publish_stub(info.address)
                 try:
                     await stub.Publish(
                         request, metadata=self._metadata, timeout=self._publish_timeout
