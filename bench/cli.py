@@ -795,13 +795,17 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def interrupt_on_signals() -> None:
+    """Raise KeyboardInterrupt on SIGTERM too, and on Ctrl-C even when started in the
+    background, where a shell ignores SIGINT for us: the run then stops everything it started."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every step ran (targets are reported, not enforced)."""
     args = _parse(argv)
-    # Stop cleanly (every process this run started, in the finally below) on SIGTERM too, and on
-    # Ctrl-C even when started in the background, where a shell ignores SIGINT for us.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_signals()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     plan = Plan.quick_plan() if args.quick else Plan.full()
     groups = tuple(g for g in GROUPS if g in args.only.split(","))

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli import Progress, machine
+from bench.cli import Progress, interrupt_on_signals, machine
 from bench.scenarios import BenchError, CpuMeter, percentiles, rss_kb
 from bench.workers import Pool, Worker, WorkerError
 from pigeon.local import LocalCluster
@@ -706,17 +705,10 @@ def _parse(argv: list[str] | None) -> Options:
     )
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the soak; 0 when delivered == acknowledged and no send failed."""
     options = _parse(argv)
-    # Stop cleanly (everything this run started, in the finally below) on SIGTERM too, and on
-    # Ctrl-C even when started in the background, where a shell ignores SIGINT for us.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupt_on_signals()
     workdir = Path(tempfile.mkdtemp(prefix="pigeon-soak-"))
     # Start the cluster, connect, one step per minute, the stragglers.
     progress = Progress(3 + options.buckets, options.progress)
