@@ -91,3 +91,24 @@ async def test_policy_guards_each_method_and_health_stays_open() -> None:
             health_pb2.HealthCheckRequest(service="pigeon.v1.Node"), timeout=5
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_service_added_by_generic_handler_alone_is_guarded_too() -> None:
+    async def echo(request: bytes, context: Any) -> bytes:
+        return current_principal().id.encode() + b":" + request
+
+    handler = grpc.method_handlers_generic_handler(
+        "pigeon.test.Raw", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    service = Service("pigeon.test.Raw", lambda s: s.add_generic_rpc_handlers((handler,)))
+    async with (
+        GrpcServer([service], auth={"/pigeon.test.Raw/": _user}) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        # No serializers: raw bytes both ways.
+        call = channel.unary_unary("/pigeon.test.Raw/Echo", None, None)
+        good = (("authorization", "Bearer good"),)
+        assert await call(b"hi", metadata=good, timeout=5) == b"alice:hi"
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call(b"hi", timeout=5)
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
