@@ -753,9 +753,12 @@ def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:
         kind=int(new.kind),  # type: ignore[arg-type]
         title=new.title,
         body=new.body,
-        metadata=new.metadata,
         recipient=recipient,
     )
+    # Item by item: the constructor fills a map through a slow Python-level update().
+    metadata = message.metadata
+    for key, value in new.metadata.items():
+        metadata[key] = value
     message.created_at.FromNanoseconds(new.created_at_ns)
     return message
 

@@ -116,6 +116,9 @@ def messages_of(
     check_batch(single, request.batch, limits.max_batch)
     items: Sequence[Any] = request.batch or [request]
     many = bool(request.batch)
+    # Drafts (from users) have neither field; asked once, not per message.
+    fields = items[0].DESCRIPTOR.fields_by_name if items else {}
+    system = "broadcast" in fields and "source" in fields
     return [
         check_outgoing(
             limits,
@@ -124,9 +127,8 @@ def messages_of(
             body=m.body,
             metadata=m.metadata,
             idempotency_key=m.idempotency_key,
-            # Drafts (from users) have neither.
-            broadcast=getattr(m, "broadcast", False),
-            source=getattr(m, "source", ""),
+            broadcast=m.broadcast if system else False,
+            source=m.source if system else "",
             sender=sender,
             where=f"batch[{i}]." if many else "",
         )
