@@ -22,7 +22,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
-    """Relays envelopes between nodes (the cluster secret is checked by the interceptor)."""
+    """Relays envelopes between nodes (pigeon.server's guard checks the cluster secret)."""
 
     def __init__(self, router: Router) -> None:
         self._router = router

@@ -20,7 +20,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class NodeServicer(node_pb2_grpc.NodeServicer):
-    """Node RPCs for the authenticated caller (see pigeon.server's interceptor)."""
+    """Node RPCs for the authenticated caller (see pigeon.server's guard)."""
 
     def __init__(self, core: NodeCore) -> None:
         self._core = core

@@ -1,5 +1,5 @@
-"""The gRPC server every Pigeon service runs: health, reflection, auth and error interceptors,
-server options for stream bursts, TLS, and graceful shutdown."""
+"""The gRPC server every Pigeon service runs: health, reflection, an auth and error guard on
+every handler, server options for stream bursts, TLS, and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -297,7 +297,7 @@ def _streaming(
 
 
 class GrpcServer:
-    """A started grpc.aio server with health, reflection and Pigeon's interceptor.
+    """A started grpc.aio server with health, reflection and Pigeon's guard on its handlers.
 
     Use as ``async with GrpcServer(...) as server:``; ``server.port`` is the bound port (pass 0 to
     get a free one). On exit the health service reports NOT_SERVING, then the server stops with a

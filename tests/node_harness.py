@@ -47,7 +47,7 @@ class RunningNode:
 async def running_node(
     store: Store, *, limits: Mapping[str, RateLimiter] | None = None, **core_options: Any
 ) -> AsyncIterator[RunningNode]:
-    """A NodeCore on `store` behind the real servicer, interceptor and gRPC server."""
+    """A NodeCore on `store` behind the real servicer, guard and gRPC server."""
     sessions = SessionTokens(CLUSTER_SECRET)
     keys = ApiKeys([API_KEY])
 
