@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
-from node.store.base import Entry
+from node.store.base import Entry, Kind
 from pigeon.v1 import types_pb2
 
-__all__ = ["new_message_id", "to_proto"]
+__all__ = ["new_message_id", "to_proto", "wire_message"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Two characters per 10 bits: half the Python steps of one character per 5.
@@ -29,16 +30,47 @@ def new_message_id() -> str:
 
 def to_proto(entry: Entry) -> types_pb2.Message:
     """The wire form of a message as one recipient sees it."""
-    message = types_pb2.Message(
+    return wire_message(
         id=entry.id,
         seq=entry.seq,
         sender=entry.sender,
-        kind=int(entry.kind),  # type: ignore[arg-type]
+        kind=entry.kind,
         title=entry.title,
         body=entry.body,
         metadata=entry.metadata,
+        created_at_ns=entry.created_at_ns,
         read=entry.read,
         recipient=entry.recipient,
     )
-    message.created_at.FromNanoseconds(entry.created_at_ns)
-    return message
+
+
+def wire_message(
+    *,
+    id: str,
+    seq: int,
+    sender: str,
+    kind: Kind,
+    title: str,
+    body: str,
+    metadata: Mapping[str, str],
+    created_at_ns: int,
+    recipient: str,
+    read: bool = False,
+) -> types_pb2.Message:
+    """A wire message from its parts (from the store, or from what was just written)."""
+    built = types_pb2.Message(
+        id=id,
+        seq=seq,
+        sender=sender,
+        kind=int(kind),  # type: ignore[arg-type]
+        title=title,
+        body=body,
+        read=read,
+        recipient=recipient,
+    )
+    # Item by item: the constructor fills a map through a slow Python-level update().
+    fields = built.metadata
+    for key, value in metadata.items():
+        fields[key] = value
+    built.created_at.FromNanoseconds(created_at_ns)
+    return built

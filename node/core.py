@@ -16,7 +16,7 @@ from google.protobuf.duration_pb2 import Duration
 from prometheus_client import Counter
 
 from node.commit import GroupCommit
-from node.convert import new_message_id, to_proto
+from node.convert import new_message_id, to_proto, wire_message
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Store, Stored, StoreError
 from node.streams import Pool, Stream
 from node.validate import (
@@ -746,21 +746,17 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
 
 def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:
     """What to_proto makes of the stored message, built straight from what was written."""
-    message = types_pb2.Message(
+    return wire_message(
         id=new.id,
         seq=seq,
         sender=new.sender,
-        kind=int(new.kind),  # type: ignore[arg-type]
+        kind=new.kind,
         title=new.title,
         body=new.body,
+        metadata=new.metadata,
+        created_at_ns=new.created_at_ns,
         recipient=recipient,
     )
-    # Item by item: the constructor fills a map through a slow Python-level update().
-    metadata = message.metadata
-    for key, value in new.metadata.items():
-        metadata[key] = value
-    message.created_at.FromNanoseconds(new.created_at_ns)
-    return message
 
 
 def _duration(seconds: float) -> Duration:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -136,6 +135,7 @@ class DispatcherRelay:
         self._in_flight = 0
         self._channels = ChannelCache(channel)
         self._stubs: dict[str, tuple[grpc.aio.Channel, DispatcherAsyncStub]] = {}
+        self._weights: dict[str, bytes] = {}
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
         self._outbox_ready = asyncio.Event()
@@ -313,11 +313,14 @@ class DispatcherRelay:
             reverse=True,
         )
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019 - one relay per node process
     def _weight(self, dispatcher_id: str) -> bytes:
-        return hashlib.blake2b(
-            f"{self._node_id}\x00{dispatcher_id}".encode(), digest_size=8
-        ).digest()
+        weight = self._weights.get(dispatcher_id)
+        if weight is None:
+            weight = hashlib.blake2b(
+                f"{self._node_id}\x00{dispatcher_id}".encode(), digest_size=8
+            ).digest()
+            self._weights[dispatcher_id] = weight
+        return weight
 
     def _publish_stub(self, address: str) -> DispatcherAsyncStub:
         """One stub per channel: a stub builds a callable per method when made."""

@@ -287,7 +287,10 @@ async def test_wal_is_copied_into_the_database_beside_the_writer(
     # these pages into the database file while the store stays open.
     for _ in range(20):
         await store.append([msg(("bob", "carol"), body="x" * 2000) for _ in range(10)])
-    await asyncio.sleep(CHECKPOINT_INTERVAL * 3)
+    # Until the pages reach the database file (a few checkpoint intervals at most).
+    async with asyncio.timeout(CHECKPOINT_INTERVAL * 20):
+        while await asyncio.to_thread(os.path.getsize, db_path) <= before + 200 * 2000:
+            await asyncio.sleep(CHECKPOINT_INTERVAL / 5)
     assert await asyncio.to_thread(os.path.getsize, db_path) > before + 200 * 2000
     assert await store.heads("bob") == (200, 0)
 

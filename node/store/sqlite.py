@@ -44,10 +44,10 @@ _SCHEMA_VERSION: Final = 1
 _UNREAD: Final = 0
 _READ: Final = 1
 _DELETED: Final = 2
-# Well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32), and small enough that one statement
-# per chunk costs nothing next to the rows it touches.
 log = logging.getLogger("pigeon.node.sqlite")
 
+# Well under SQLITE_MAX_VARIABLE_NUMBER (32766 since 3.32), and small enough that one statement
+# per chunk costs nothing next to the rows it touches.
 _IN_CHUNK: Final = 500
 # Rows per counters upsert: 3 parameters each, well under SQLite's 32,766.
 _UPSERT_ROWS: Final = 500
@@ -678,6 +678,14 @@ def _read_upto(conn: sqlite3.Connection, user: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+# A user's unread count from their counters row, given the broadcast head (a parameter): unread
+# inbox messages, plus broadcasts above their read mark less those read one by one.
+_UNREAD_OF_ROW: Final = (
+    "unread + ? - broadcast_read_upto - (SELECT count(*) FROM broadcast_state AS s"
+    " WHERE s.user = counters.user AND s.seq > counters.broadcast_read_upto)"
+)
+
+
 @functools.cache
 def _upsert_counters(rows: int) -> str:
     """Adds (user, n, n) rows to head_seq and unread; returns each user's new head_seq and unread
@@ -687,9 +695,7 @@ def _upsert_counters(rows: int) -> str:
         + ", ".join(["(?, ?, ?)"] * rows)
         + " ON CONFLICT (user) DO UPDATE SET head_seq = head_seq + excluded.head_seq,"
         " unread = unread + excluded.unread"
-        " RETURNING user, head_seq, unread + ? - broadcast_read_upto"
-        " - (SELECT count(*) FROM broadcast_state AS s"
-        "    WHERE s.user = counters.user AND s.seq > counters.broadcast_read_upto)"
+        f" RETURNING user, head_seq, {_UNREAD_OF_ROW}"
     )
 
 
@@ -697,21 +703,13 @@ def _broadcast_head(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM broadcasts").fetchone()[0])
 
 
-def _unread_count(conn: sqlite3.Connection, user: str, head: int | None = None) -> int:
-    """`head`: the broadcast head, when already read in this transaction."""
+def _unread_count(conn: sqlite3.Connection, user: str) -> int:
+    head = _broadcast_head(conn)
     row = conn.execute(
-        "SELECT c.unread, c.broadcast_read_upto,"
-        " (SELECT count(*) FROM broadcast_state AS s"
-        "  WHERE s.user = c.user AND s.seq > c.broadcast_read_upto)"
-        " FROM counters AS c WHERE c.user = ?",
-        (user,),
+        f"SELECT {_UNREAD_OF_ROW} FROM counters WHERE user = ?", (head, user)
     ).fetchone()
-    if head is None:
-        head = _broadcast_head(conn)
-    if row is None:
-        return int(head)
-    unread, upto, individually_seen = row
-    return int(unread + head - upto - individually_seen)
+    # Without a row the user has read nothing and been sent nothing but the broadcasts.
+    return head if row is None else int(row[0])
 
 
 def _mark_read(
