@@ -28,7 +28,13 @@ MAX_REPLY_BYTES = 1 << 20
 
 
 class NodeLink:
-    """One node's subscribe stream: what is queued for it, flushed as one message."""
+    """One node's subscribe stream: what is queued for it, flushed as one message.
+
+    Besides envelopes it carries the node's shared users: which of its users another node holds
+    too (the node keeps messages for the others off the dispatchers). A report that makes a user
+    shared is acknowledged to its node only once every other holder has applied the news, so
+    whatever they store after that acknowledgement is relayed.
+    """
 
     def __init__(self, node_id: str, limit: int) -> None:
         self.node_id = node_id
@@ -40,6 +46,16 @@ class NodeLink:
         self._ack_pending = False
         self._wake = asyncio.Event()
         self.closed = False
+        # The node's shared users, each with the version of the message that tells (or told)
+        # the node; the changes not sent yet; the last version sent and the last applied.
+        self.shared: dict[str, int] = {}
+        self._shared_full = True
+        self._shared_added: set[str] = set()
+        self._shared_removed: set[str] = set()
+        self.shared_version = 0
+        self.applied_shared_version = 0
+        # Report acknowledgements held back: (report version, {other holder: shared version}).
+        self.held: list[tuple[int, dict[NodeLink, int]]] = []
 
     def put(self, envelope: dispatcher_pb2.Envelope) -> None:
         if self.overflowed or self.closed:
@@ -58,13 +74,41 @@ class NodeLink:
         self._ack_pending = True
         self._wake.set()
 
+    def share(self, user: str) -> int:
+        """Tell the node another node holds user too; returns the version that says so."""
+        version = self.shared.get(user)
+        if version is None:
+            # Goes out with the next message that carries shared users.
+            version = self.shared[user] = self.shared_version + 1
+            self._shared_removed.discard(user)
+            self._shared_added.add(user)
+            self._wake.set()
+        return version
+
+    def unshare(self, user: str) -> None:
+        """Tell the node no other node holds user now."""
+        if self.shared.pop(user, None) is not None:
+            self._shared_added.discard(user)
+            self._shared_removed.add(user)
+            self._wake.set()
+
+    def _has_shared_news(self) -> bool:
+        return bool(self._shared_added or self._shared_removed)
+
     def close(self) -> None:
         self.closed = True
         self._wake.set()
 
     async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
         """The next message for the node, or None when the stream should end."""
-        while not (self._queue or self._ack_pending or self.overflowed or self.closed):
+        while not (
+            self._queue
+            or self._ack_pending
+            or self._shared_full
+            or self._has_shared_news()
+            or self.overflowed
+            or self.closed
+        ):
             self._wake.clear()
             await self._wake.wait()
         if self.overflowed or self.closed:
@@ -82,6 +126,18 @@ class NodeLink:
         )
         del self._queue[:cut]
         self._ack_pending = False
+        if self._shared_full or self._has_shared_news():
+            self.shared_version += 1
+            reply.shared.version = self.shared_version
+            if self._shared_full:
+                self._shared_full = False
+                reply.shared.full = True
+                reply.shared.added.extend(self.shared)
+            else:
+                reply.shared.added.extend(self._shared_added)
+                reply.shared.removed.extend(self._shared_removed)
+            self._shared_added.clear()
+            self._shared_removed.clear()
         return reply
 
 
@@ -119,7 +175,11 @@ class Router:
         del self.links[link.node_id]
         self._forget(link, link.users)
         link.users.clear()
+        link.held.clear()
         NODES.set(len(self.links))
+        # Acknowledgements waiting for this node's word need it no more: the node relays
+        # everything until a new stream tells it what is shared.
+        self._release_held()
 
     def report(self, link: NodeLink, report: dispatcher_pb2.RoutingReport, version: int) -> None:
         """Apply a node's report of the users it holds."""
@@ -130,21 +190,62 @@ class Router:
             link.users = set()
         else:
             removed = set(report.removed)
-            self._forget(link, removed)
+            self._forget(link, removed & link.users)
             link.users -= removed
+        waits: dict[NodeLink, int] = {}
         for user in report.added:
             link.users.add(user)
-            self.routes.setdefault(user, set()).add(link.node_id)
+            holders = self.routes.setdefault(user, set())
+            holders.add(link.node_id)
+            if len(holders) > 1:
+                link.share(user)
+                for node_id in holders:
+                    other = self.links.get(node_id)
+                    if other is not None and other is not link:
+                        waits[other] = max(waits.get(other, 0), other.share(user))
         ROUTED_USERS.set(len(self.routes))
-        link.acknowledge(version)
+        if waits or link.held:
+            link.held.append((version, waits))
+            self._release(link)
+        else:
+            link.acknowledge(version)
+
+    def shared_applied(self, link: NodeLink, version: int) -> None:
+        """The node applied the shared-user changes up to version."""
+        if version > link.applied_shared_version:
+            link.applied_shared_version = version
+            self._release_held()
+
+    def _release_held(self) -> None:
+        for link in list(self.links.values()):
+            if link.held:
+                self._release(link)
+
+    def _release(self, link: NodeLink) -> None:
+        """Acknowledge, in order, the reports whose other holders have all caught up."""
+        while link.held:
+            version, waits = link.held[0]
+            if any(
+                not other.closed and other.applied_shared_version < needed
+                for other, needed in waits.items()
+            ):
+                return
+            link.held.pop(0)
+            link.acknowledge(version)
 
     def _forget(self, link: NodeLink, users: Iterable[str]) -> None:
         for user in users:
+            link.unshare(user)
             holders = self.routes.get(user)
             if holders is not None:
                 holders.discard(link.node_id)
                 if not holders:
                     del self.routes[user]
+                elif len(holders) == 1:
+                    (last,) = holders
+                    other = self.links.get(last)
+                    if other is not None:
+                        other.unshare(user)
         ROUTED_USERS.set(len(self.routes))
 
     def route(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:

@@ -64,7 +64,10 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
     ) -> None:
         try:
             async for request in requests:
-                self._router.report(link, request.report, request.report_version)
+                if request.HasField("report"):
+                    self._router.report(link, request.report, request.report_version)
+                if request.applied_shared_version:
+                    self._router.shared_applied(link, request.applied_shared_version)
         except grpc.aio.AioRpcError:
             pass
         finally:

@@ -61,6 +61,9 @@ class Relay(Protocol):
     def user_removed(self, user_id: str) -> None:
         """The user's last stream on this node closed."""
 
+    def elsewhere(self, user_id: str) -> bool:
+        """Whether another node may hold the user (a user held here: whether to relay)."""
+
     async def routes_ready(self) -> None:
         """Return once the dispatchers route this node's current users here."""
 
@@ -76,6 +79,9 @@ class NoRelay:
 
     def user_removed(self, user_id: str) -> None:
         return None
+
+    def elsewhere(self, user_id: str) -> bool:
+        return False
 
     async def routes_ready(self) -> None:
         return None
@@ -299,6 +305,8 @@ class NodeCore:
                 message = _wire(new, result.seqs[recipient], recipient)
                 unread = result.unread.get(recipient)
                 self._push(recipient, message, unread)
+                if not self._needs_relay(recipient):
+                    continue
                 envelope = dispatcher_pb2.Envelope(
                     recipient=recipient, message=message, origin_node_id=self.node_id
                 )
@@ -310,6 +318,10 @@ class NodeCore:
         if envelopes:
             self.relay.relay(envelopes)
         return stored
+
+    def _needs_relay(self, user_id: str) -> bool:
+        """False for a user held here whom, as every dispatcher confirmed, no other node holds."""
+        return not self.pool.holds(user_id) or self.relay.elsewhere(user_id)
 
     def _push(self, recipient: str, message: types_pb2.Message, unread: int | None) -> None:
         """Queue a message (and the recipient's unread count, when the store said it) to the
@@ -351,13 +363,14 @@ class NodeCore:
     def _changed(self, user_id: str, unread: int) -> None:
         """The user's read state changed here: tell their devices, on this node and others."""
         self._unread.push(user_id, unread)
-        self.relay.relay(
-            [
-                dispatcher_pb2.Envelope(
-                    recipient=user_id, unread_count=unread, origin_node_id=self.node_id
-                )
-            ]
-        )
+        if self._needs_relay(user_id):
+            self.relay.relay(
+                [
+                    dispatcher_pb2.Envelope(
+                        recipient=user_id, unread_count=unread, origin_node_id=self.node_id
+                    )
+                ]
+            )
 
     # The inbox.
 

@@ -63,7 +63,8 @@ def _prefix_within(
 
 
 class _Link:
-    """The stream to one dispatcher and the routing changes not yet reported on it."""
+    """The stream to one dispatcher, the routing changes not yet reported on it, and what the
+    dispatcher said of this node's users that other nodes hold too."""
 
     def __init__(self, dispatcher_id: str, address: str) -> None:
         self.dispatcher_id = dispatcher_id
@@ -76,16 +77,63 @@ class _Link:
         self.changed = asyncio.Event()
         self.applied = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # Users another node holds too, as the dispatcher told this stream (synced once it sent
+        # the full list), and users added since, by the report version that carries them.
+        self.shared: set[str] = set()
+        self.synced = False
+        self.unconfirmed: dict[str, int] = {}
+        self.shared_version = 0
+        self.ack_shared = False
 
     def add(self, user_id: str) -> None:
         self.removed.discard(user_id)
         self.added.add(user_id)
+        self.unconfirmed[user_id] = self.sent_version + 1
         self.changed.set()
 
     def remove(self, user_id: str) -> None:
         self.added.discard(user_id)
         self.removed.add(user_id)
+        self.unconfirmed.pop(user_id, None)
         self.changed.set()
+
+    def solo(self, user_id: str) -> bool:
+        """True if this dispatcher knows of no other node holding the user."""
+        return (
+            self.synced
+            and user_id not in self.shared
+            and self.unconfirmed.get(user_id, 0) <= self.applied_version
+        )
+
+    def start(self) -> None:
+        """A new stream: it begins with a full report, and knows nothing shared yet."""
+        self.added.clear()
+        self.removed.clear()
+        self.sent_version += 1
+        self.applied_version = 0
+        self.shared.clear()
+        self.synced = False
+        self.unconfirmed.clear()
+        self.ack_shared = False
+
+    def update_shared(self, shared: dispatcher_pb2.SharedUsers) -> None:
+        if shared.full:
+            self.shared = set(shared.added)
+            self.synced = True
+        else:
+            self.shared.update(shared.added)
+            self.shared.difference_update(shared.removed)
+        # Said back at once: the dispatcher holds another node's acknowledgement until then.
+        self.shared_version = shared.version
+        self.ack_shared = True
+        self.changed.set()
+
+    def confirm(self, version: int) -> None:
+        """The dispatcher applied reports up to version (and told this stream what they share)."""
+        self.applied_version = version
+        if self.unconfirmed:
+            self.unconfirmed = {u: v for u, v in self.unconfirmed.items() if v > version}
+        self.applied.set()
 
     @property
     def target(self) -> int:
@@ -186,6 +234,19 @@ class DispatcherRelay:
         for link in self._links.values():
             link.remove(user_id)
 
+    def elsewhere(self, user_id: str) -> bool:
+        """False only if every dispatcher has said that no other node holds the user (a local
+        user's messages then need no relay); True while any of them cannot say."""
+        dispatchers = self._dispatchers()
+        if not dispatchers:
+            return True
+        links = self._links
+        for dispatcher_id in dispatchers:
+            link = links.get(dispatcher_id)
+            if link is None or not link.solo(user_id):
+                return True
+        return False
+
     async def routes_ready(self) -> None:
         """Wait until every connected dispatcher has applied the routing changes made so far,
         so a message stored after this returns is routed here (bounded: a dispatcher that does
@@ -255,9 +316,10 @@ class DispatcherRelay:
                         # down: the local streams look in the store for what they missed.
                         if self._resync is not None:
                             self._resync()
+                    if reply.HasField("shared"):
+                        link.update_shared(reply.shared)
                     if reply.applied_report_version > link.applied_version:
-                        link.applied_version = reply.applied_report_version
-                        link.applied.set()
+                        link.confirm(reply.applied_report_version)
                     if reply.envelopes:
                         RECEIVED.inc(len(reply.envelopes))
                         self._deliver(reply.envelopes)
@@ -271,6 +333,7 @@ class DispatcherRelay:
             finally:
                 call.cancel()
                 link.connected = False
+                link.synced = False
                 link.applied.set()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
@@ -280,10 +343,7 @@ class DispatcherRelay:
     ) -> AsyncIterator[dispatcher_pb2.DispatcherSubscribeRequest]:
         # A new stream starts from a full report: the dispatcher forgot this node when the last
         # one ended.
-        link.added.clear()
-        link.removed.clear()
-        link.sent_version += 1
-        link.applied_version = 0
+        link.start()
         yield dispatcher_pb2.DispatcherSubscribeRequest(
             node_id=self._node_id,
             report=dispatcher_pb2.RoutingReport(full=True, added=list(self._users())),
@@ -291,17 +351,23 @@ class DispatcherRelay:
         )
         while True:
             await link.changed.wait()
-            # Gather the changes of a short window into one report.
-            await asyncio.sleep(self._report_interval)
+            if link.added or link.removed:
+                # Gather the changes of a short window into one report.
+                await asyncio.sleep(self._report_interval)
             link.changed.clear()
-            added, removed = list(link.added), list(link.removed)
-            link.added.clear()
-            link.removed.clear()
-            link.sent_version += 1
-            yield dispatcher_pb2.DispatcherSubscribeRequest(
-                report=dispatcher_pb2.RoutingReport(added=added, removed=removed),
-                report_version=link.sent_version,
-            )
+            request = dispatcher_pb2.DispatcherSubscribeRequest()
+            if link.added or link.removed:
+                link.sent_version += 1
+                request.report.added.extend(link.added)
+                request.report.removed.extend(link.removed)
+                request.report_version = link.sent_version
+                link.added.clear()
+                link.removed.clear()
+            if link.ack_shared:
+                link.ack_shared = False
+                request.applied_shared_version = link.shared_version
+            if request.HasField("report") or request.applied_shared_version:
+                yield request
 
     # Publishing.
 

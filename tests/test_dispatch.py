@@ -83,6 +83,33 @@ async def test_routed_mode_sends_nothing_to_a_node_without_recipients(
     await dave.close()
 
 
+async def test_a_users_messages_leave_the_node_only_once_another_node_holds_them(
+    client: ClusterClient,
+) -> None:
+    a, b, _ = client.cluster.nodes
+    published = "pigeon_node_envelopes_published_total"
+    fay_a = client.subscribe(a, "fay-4")
+    await fay_a.wait(live)
+    before = client.metric(a, published)
+    for i in range(5):
+        await client.send(a, "gus-4", ["fay-4"], f"here {i}")
+    await fay_a.wait(lambda d: len(d.messages) == 5)
+    # Both dispatchers said no other node holds fay: nothing of hers went to them.
+    assert client.metric(a, published) == before
+
+    # Live on node b means node a has been told: what a stores from now on reaches b too.
+    fay_b = client.subscribe(b, "fay-4")
+    await fay_b.wait(live)
+    await client.send(a, "gus-4", ["fay-4"], "to both")
+    await fay_b.wait(lambda d: bodies(d) == ["to both"])
+    await fay_a.wait(lambda d: bodies(d)[-1] == "to both")
+    async with asyncio.timeout(5):  # counted once the dispatcher has answered
+        while client.metric(a, published) == before:
+            await asyncio.sleep(0.05)
+    await fay_b.close()
+    await fay_a.close()
+
+
 async def test_a_node_that_restarts_is_routed_to_again(client: ClusterClient) -> None:
     a, b, _ = client.cluster.nodes
     b.stop()

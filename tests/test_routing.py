@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from dispatcher.routing import Router
+from dispatcher.routing import NodeLink, Router
 from pigeon.v1 import dispatcher_pb2, types_pb2
 
 pytestmark = pytest.mark.unit
@@ -56,3 +58,49 @@ def test_removed_users_stop_being_routed() -> None:
     router.route([envelope("bob"), envelope("bill")])
     assert [e.recipient for e in b._queue] == ["bill"]
     assert b.applied_version == 2
+
+
+async def take(link: NodeLink) -> dispatcher_pb2.DispatcherSubscribeResponse:
+    reply = await asyncio.wait_for(link.take(), 1)
+    assert reply is not None
+    return reply
+
+
+async def test_a_users_second_node_is_acknowledged_once_the_first_knows() -> None:
+    router = Router("routed")
+    a, b = router.attach("a"), router.attach("b")
+    router.report(a, report("alice", "ann", full=True), 1)
+    first = await take(a)
+    assert first.applied_report_version == 1
+    assert first.shared.full and list(first.shared.added) == []
+    router.shared_applied(a, first.shared.version)
+
+    router.report(b, report("alice", full=True), 1)
+    opening = await take(b)
+    assert opening.shared.full and list(opening.shared.added) == ["alice"]
+    # Held: node a could still be keeping alice's messages to itself.
+    assert opening.applied_report_version == 0
+    told = await take(a)
+    assert not told.shared.full and list(told.shared.added) == ["alice"]
+    router.shared_applied(a, told.shared.version)
+    assert (await take(b)).applied_report_version == 1
+
+    router.report(b, report(removed=("alice",)), 2)
+    assert list((await take(a)).shared.removed) == ["alice"]
+    reply = await take(b)
+    assert reply.applied_report_version == 2 and list(reply.shared.removed) == ["alice"]
+
+
+async def test_held_acknowledgements_follow_report_order_and_a_leaving_node() -> None:
+    router = Router("broadcast")  # the shared users are the same in both modes
+    a, b = router.attach("a"), router.attach("b")
+    router.report(a, report("alice", full=True), 1)
+    router.shared_applied(a, (await take(a)).shared.version)
+    router.report(b, report(full=True), 1)
+    router.report(b, report("alice"), 2)
+    router.report(b, report("bea"), 3)  # needs no one, but follows report 2
+    assert b.applied_version == 1
+    router.detach(a)  # gone: node a relays everything until it subscribes again
+    assert b.applied_version == 3
+    # Alice is b's alone now.
+    assert "alice" not in b.shared

@@ -62,11 +62,17 @@ class DispatcherSubscribeRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     REPORT_FIELD_NUMBER: _builtins.int
     REPORT_VERSION_FIELD_NUMBER: _builtins.int
+    APPLIED_SHARED_VERSION_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The sending node's id; required on the first message of the stream."""
     report_version: _builtins.int
     """Increases with every report on this stream; the dispatcher echoes the last one it applied,
     so a node knows when new routes are in force.
+    """
+    applied_shared_version: _builtins.int
+    """The version of the last SharedUsers change the node has applied (0: none yet). The
+    dispatcher holds back another node's report acknowledgement until the nodes it told about
+    that report's users have applied it.
     """
     @_builtins.property
     def report(self) -> Global___RoutingReport:
@@ -78,14 +84,56 @@ class DispatcherSubscribeRequest(_message.Message):
         node_id: _builtins.str = ...,
         report: Global___RoutingReport | None = ...,
         report_version: _builtins.int = ...,
+        applied_shared_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "report", b"report", "report_version", b"report_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_shared_version", b"applied_shared_version", "node_id", b"node_id", "report", b"report", "report_version", b"report_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DispatcherSubscribeRequest: _TypeAlias = DispatcherSubscribeRequest  # noqa: Y015
+
+@_typing.final
+class SharedUsers(_message.Message):
+    """Which of a node's users another node holds too. The node relays messages for those (and for
+    users it is not told about); a user only it holds gets messages from this node alone, so the
+    node keeps them off the dispatchers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FULL_FIELD_NUMBER: _builtins.int
+    ADDED_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    full: _builtins.bool
+    """True if this list replaces everything the node was told before on this stream."""
+    version: _builtins.int
+    """Increases with every change on this stream; the node echoes it as applied_shared_version."""
+    @_builtins.property
+    def added(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users of the node that another node now holds as well."""
+
+    @_builtins.property
+    def removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users of the node that no other node holds any more."""
+
+    def __init__(
+        self,
+        *,
+        full: _builtins.bool = ...,
+        added: _abc.Iterable[_builtins.str] | None = ...,
+        removed: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "full", b"full", "removed", b"removed", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedUsers: _TypeAlias = SharedUsers  # noqa: Y015
 
 @_typing.final
 class Envelope(_message.Message):
@@ -139,21 +187,29 @@ class DispatcherSubscribeResponse(_message.Message):
 
     ENVELOPES_FIELD_NUMBER: _builtins.int
     APPLIED_REPORT_VERSION_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     applied_report_version: _builtins.int
     """The report_version of the last report from this node that the dispatcher has applied."""
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
         """The envelopes, in the order the dispatcher received them."""
 
+    @_builtins.property
+    def shared(self) -> Global___SharedUsers:
+        """Changes in which of the node's users another node holds too; the first one on a stream is
+        the full list. A dispatcher that never sends it leaves the node relaying every message.
+        """
+
     def __init__(
         self,
         *,
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
         applied_report_version: _builtins.int = ...,
+        shared: Global___SharedUsers | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared", b"shared"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_report_version", b"applied_report_version", "envelopes", b"envelopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_report_version", b"applied_report_version", "envelopes", b"envelopes", "shared", b"shared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
