@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -202,6 +203,10 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
             if task is not None and not task.done():
                 conn.send({"kind": "error", "error": "a role is already running"})
                 continue
+            # Earlier roles' leftovers are collected now, and this process's long-lived objects
+            # are set aside, so no full collection over them lands in this role's measurement.
+            gc.collect()
+            gc.freeze()
             control = Control(conn)
             task = asyncio.create_task(perform(message["role"], message["params"], control))
         elif control is not None:
