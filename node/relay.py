@@ -84,6 +84,8 @@ class _Link:
         self.unconfirmed: dict[str, int] = {}
         self.shared_version = 0
         self.ack_shared = False
+        self.opening_version = 0
+        self.resync_due = False
 
     def add(self, user_id: str) -> None:
         self.removed.discard(user_id)
@@ -110,6 +112,8 @@ class _Link:
         self.added.clear()
         self.removed.clear()
         self.sent_version += 1
+        self.opening_version = self.sent_version
+        self.resync_due = True
         self.applied_version = 0
         self.shared.clear()
         self.synced = False
@@ -312,14 +316,18 @@ class DispatcherRelay:
                         link.connected = True
                         self._connected_changed.set()
                         delay = 0.05
-                        # Envelopes for this node may have been lost while the stream was
-                        # down: the local streams look in the store for what they missed.
-                        if self._resync is not None:
-                            self._resync()
                     if reply.HasField("shared"):
                         link.update_shared(reply.shared)
                     if reply.applied_report_version > link.applied_version:
                         link.confirm(reply.applied_report_version)
+                        if link.resync_due and link.applied_version >= link.opening_version:
+                            link.resync_due = False
+                            # Envelopes for this node may have been lost while the stream was
+                            # down. The opening report is acknowledged once the other nodes
+                            # holding its users relay theirs here, so what the local streams
+                            # read from the store now leaves nothing out.
+                            if self._resync is not None:
+                                self._resync()
                     if reply.envelopes:
                         RECEIVED.inc(len(reply.envelopes))
                         self._deliver(reply.envelopes)
