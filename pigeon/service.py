@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute
 from pigeon.config import CommonConfig
 from pigeon.http import HttpServer, base_routes
 from pigeon.ratelimit import RateLimiter
-from pigeon.runtime import freeze_heap, stop_signals
+from pigeon.runtime import freeze_heap, rescan_heap, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
 __all__ = [
@@ -147,6 +147,10 @@ async def wait_for_stop() -> None:
     """Return on the first SIGINT or SIGTERM; start-up is over, so freeze the heap first."""
     stop = asyncio.Event()
     freeze_heap()
-    with stop_signals(stop.set):
-        await stop.wait()
+    rescans = asyncio.create_task(rescan_heap(), name="heap-rescans")
+    try:
+        with stop_signals(stop.set):
+            await stop.wait()
+    finally:
+        rescans.cancel()
     log.info("stop signal received")
