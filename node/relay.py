@@ -84,8 +84,8 @@ class _Link:
         self.unconfirmed: dict[str, int] = {}
         self.shared_version = 0
         self.ack_shared = False
+        # The full report that opened this stream, until its acknowledgement (0 after).
         self.opening_version = 0
-        self.resync_due = False
 
     def add(self, user_id: str) -> None:
         self.removed.discard(user_id)
@@ -113,7 +113,6 @@ class _Link:
         self.removed.clear()
         self.sent_version += 1
         self.opening_version = self.sent_version
-        self.resync_due = True
         self.applied_version = 0
         self.shared.clear()
         self.synced = False
@@ -320,8 +319,8 @@ class DispatcherRelay:
                         link.update_shared(reply.shared)
                     if reply.applied_report_version > link.applied_version:
                         link.confirm(reply.applied_report_version)
-                        if link.resync_due and link.applied_version >= link.opening_version:
-                            link.resync_due = False
+                        if 0 < link.opening_version <= link.applied_version:
+                            link.opening_version = 0
                             # Envelopes for this node may have been lost while the stream was
                             # down. The opening report is acknowledged once the other nodes
                             # holding its users relay theirs here, so what the local streams

@@ -17,21 +17,13 @@ import pytest
 
 from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
 from pigeon.registry import PrefixWatch, Registration, RegistryUnavailableError
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/pigeon/nodes/"
 KEY = PREFIX + "n1"
-
-
-async def wait_until(condition: Callable[[], bool], within: float, what: str) -> None:
-    """Poll ``condition`` until it is true; fail the test after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def retry(call: Callable[[], Awaitable[Any]], within: float = 5.0) -> Any:

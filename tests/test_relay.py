@@ -3,8 +3,7 @@ keeps off the dispatchers."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc.aio
 import pytest
@@ -13,6 +12,7 @@ from dispatcher.routing import Router
 from dispatcher.servicer import DispatcherServicer
 from node.relay import DispatcherRelay
 from pigeon.v1 import dispatcher_pb2_grpc, types_pb2
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,6 @@ class Node:
         self.relay.user_removed(user)
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 async def dispatcher() -> AsyncIterator[
     tuple[grpc.aio.Server, dict[str, types_pb2.DispatcherInfo]]
@@ -72,7 +66,9 @@ async def test_a_user_is_kept_local_until_another_node_holds_it(
     async with a.relay, b.relay:
         assert await a.relay.wait_connected(5)
         assert await b.relay.wait_connected(5)
-        await eventually(lambda: not a.relay.elsewhere("nobody-yet"))
+        await wait_until(
+            lambda: not a.relay.elsewhere("nobody-yet"), 5, "a to learn what is shared"
+        )
 
         a.add("una")
         # Until the dispatcher has applied the report that adds her, another node may hold her.
@@ -87,11 +83,11 @@ async def test_a_user_is_kept_local_until_another_node_holds_it(
         assert b.relay.elsewhere("una")
 
         b.remove("una")
-        await eventually(lambda: not a.relay.elsewhere("una"))
+        await wait_until(lambda: not a.relay.elsewhere("una"), 5, "una to be a's alone")
 
         # With the dispatcher gone nobody can say who else holds her.
         await server.stop(None)
-        await eventually(lambda: a.relay.elsewhere("una"))
+        await wait_until(lambda: a.relay.elsewhere("una"), 5, "a to notice the dispatcher left")
 
 
 async def test_a_node_that_subscribes_later_learns_which_users_are_shared(
@@ -110,6 +106,10 @@ async def test_a_node_that_subscribes_later_learns_which_users_are_shared(
             assert await b.relay.wait_connected(5)
             await b.relay.routes_ready()
             assert a.relay.elsewhere("ola") and not a.relay.elsewhere("ben")
-            await eventually(lambda: b.relay.elsewhere("ola") and not b.relay.elsewhere("zed"))
+            await wait_until(
+                lambda: b.relay.elsewhere("ola") and not b.relay.elsewhere("zed"),
+                5,
+                "b to learn what is shared",
+            )
         # b's stream ended: ola is a's alone again.
-        await eventually(lambda: not a.relay.elsewhere("ola"))
+        await wait_until(lambda: not a.relay.elsewhere("ola"), 5, "ola to be a's alone")

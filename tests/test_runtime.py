@@ -27,7 +27,9 @@ found_frozen = gc.collect()                   # frozen: not looked at
 
 async def rescan():
     task = asyncio.create_task(rescan_heap(0.01))
-    await asyncio.sleep(0.05)
+    async with asyncio.timeout(10):
+        while gc.get_freeze_count():          # handed back to the collector
+            await asyncio.sleep(0.001)
     task.cancel()
 
 asyncio.run(rescan())
