@@ -25,6 +25,8 @@ ROUTED_USERS = Gauge("pigeon_dispatcher_users", "Users with at least one node in
 
 
 MAX_REPLY_BYTES = 1 << 20
+# How long an acknowledgement of published envelopes may wait for company (seconds).
+PUBLISH_ACK_DELAY = 0.01
 
 
 class NodeLink:
@@ -41,6 +43,10 @@ class NodeLink:
         self.limit = limit
         self.users: set[str] = set()
         self.applied_version = 0
+        # The publish_seq of the node's last envelopes on this stream that are routed.
+        self.published_seq = 0
+        self._sent_published_seq = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.overflowed = False
         self._queue: list[dispatcher_pb2.Envelope] = []
         self._ack_pending = False
@@ -74,6 +80,22 @@ class NodeLink:
         self._ack_pending = True
         self._wake.set()
 
+    def acknowledge_published(self, seq: int) -> None:
+        # Not urgent (the node keeps a window of batches in flight): it goes with the next
+        # message to the node, or alone after a short while, so steady traffic costs the node
+        # no extra message per batch.
+        self.published_seq = seq
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                PUBLISH_ACK_DELAY, self._publish_ack_due
+            )
+
+    def _publish_ack_due(self) -> None:
+        self._ack_timer = None
+        if self._sent_published_seq < self.published_seq:
+            self._ack_pending = True
+            self._wake.set()
+
     def share(self, user: str) -> int:
         """Tell the node another node holds user too; returns the version that says so."""
         version = self.shared.get(user)
@@ -97,6 +119,9 @@ class NodeLink:
 
     def close(self) -> None:
         self.closed = True
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._wake.set()
 
     async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
@@ -122,14 +147,19 @@ class NodeLink:
                 cut = i
                 break
         reply = dispatcher_pb2.DispatcherSubscribeResponse(
-            envelopes=self._queue[:cut], applied_report_version=self.applied_version
+            envelopes=self._queue[:cut],
+            applied_report_version=self.applied_version,
+            published_seq=self.published_seq,
         )
+        self._sent_published_seq = self.published_seq
         del self._queue[:cut]
         self._ack_pending = False
         if self._shared_full or self._has_shared_news():
             self.shared_version += 1
             reply.shared.version = self.shared_version
             if self._shared_full:
+                # The stream's first message.
+                reply.publish_on_stream = True
                 self._shared_full = False
                 reply.shared.full = True
                 reply.shared.added.extend(self.shared)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
+from prometheus_client import Counter
 
 from dispatcher.routing import NodeLink, Router
 from pigeon.errors import InvalidArgument
@@ -17,6 +18,12 @@ from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 __all__ = ["DispatcherServicer"]
 
 log = logging.getLogger("pigeon.dispatcher")
+
+RECEIVED = Counter(
+    "pigeon_dispatcher_envelopes_received",
+    "Envelopes published by nodes, on their Subscribe streams or in Publish calls",
+    ["via"],
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -66,6 +73,10 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
             async for request in requests:
                 if request.HasField("report"):
                     self._router.report(link, request.report, request.report_version)
+                if request.publish_seq:
+                    RECEIVED.labels("stream").inc(len(request.envelopes))
+                    self._router.route(request.envelopes)
+                    link.acknowledge_published(request.publish_seq)
                 if request.applied_shared_version:
                     self._router.shared_applied(link, request.applied_shared_version)
         except grpc.aio.AioRpcError:
@@ -77,5 +88,6 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
     async def Publish(
         self, request: dispatcher_pb2.DispatcherPublishRequest, context: Context
     ) -> dispatcher_pb2.DispatcherPublishResponse:
+        RECEIVED.labels("call").inc(len(request.envelopes))
         self._router.route(request.envelopes)
         return dispatcher_pb2.DispatcherPublishResponse(accepted=len(request.envelopes))

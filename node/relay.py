@@ -1,5 +1,9 @@
 """The node's side of the dispatcher layer: one Subscribe stream to every dispatcher in etcd
-(routing reports out, envelopes in) and batched publishing to one of them, with failover."""
+(routing reports out, envelopes in) and batched publishing to one of them, with failover.
+
+Publishing goes on the Subscribe stream of the chosen dispatcher when it takes envelopes there
+(numbered batches, acknowledged once routed; unacknowledged ones go to another dispatcher when
+the stream ends or stays silent too long), else in Publish calls."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -37,6 +42,8 @@ DROPPED = Counter(
 
 OUTBOX_LIMIT = 100_000
 PUBLISH_BATCH = 1024
+# Batches a stream may carry before the first of them is acknowledged.
+PUBLISH_WINDOW = 4
 RETRYABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -60,6 +67,14 @@ def _prefix_within(
         if size > max_bytes and i:
             return envelopes[:i]
     return envelopes[:count]
+
+
+async def _acked(link: _Link, left: int) -> None:
+    """Wait until at most `left` of the link's batches are unacknowledged (its deadline or its
+    end bounds the wait)."""
+    while len(link.unacked) > left and link.publishes:
+        link.acked.clear()
+        await link.acked.wait()
 
 
 class _Link:
@@ -86,6 +101,17 @@ class _Link:
         self.ack_shared = False
         # The full report that opened this stream, until its acknowledgement (0 after).
         self.opening_version = 0
+        # Streams opened so far: the request generator of an ended one must stop.
+        self.streams = 0
+        # Publishing on the stream: whether the dispatcher said it takes envelopes on it, the
+        # batches not acknowledged yet (publish_seq, envelopes, when the wait for it ends), the
+        # last publish_seq written, and the running stream's deadline for the oldest batch.
+        self.publishes = False
+        self.publish_seq = 0
+        self.written_seq = 0
+        self.unacked: deque[tuple[int, list[dispatcher_pb2.Envelope], float]] = deque()
+        self.acked = asyncio.Event()
+        self.deadline: asyncio.Timeout | None = None
 
     def add(self, user_id: str) -> None:
         self.removed.discard(user_id)
@@ -107,8 +133,10 @@ class _Link:
             and self.unconfirmed.get(user_id, 0) <= self.applied_version
         )
 
-    def start(self) -> None:
-        """A new stream: it begins with a full report, and knows nothing shared yet."""
+    def start(self) -> int:
+        """A new stream: it begins with a full report, and knows nothing shared yet. Returns the
+        stream's number."""
+        self.streams += 1
         self.added.clear()
         self.removed.clear()
         self.sent_version += 1
@@ -118,6 +146,41 @@ class _Link:
         self.synced = False
         self.unconfirmed.clear()
         self.ack_shared = False
+        self.publish_seq = self.written_seq = 0
+        return self.streams
+
+    def publish(self, envelopes: list[dispatcher_pb2.Envelope], timeout: float) -> None:
+        """Queue a batch for this stream; the dispatcher must acknowledge it within timeout."""
+        self.publish_seq += 1
+        due = asyncio.get_running_loop().time() + timeout
+        self.unacked.append((self.publish_seq, envelopes, due))
+        if len(self.unacked) == 1:
+            self._arm()
+        self.changed.set()
+
+    def unwritten(self) -> list[tuple[int, list[dispatcher_pb2.Envelope]]]:
+        return [(seq, batch) for seq, batch, _ in self.unacked if seq > self.written_seq]
+
+    def published(self, seq: int) -> int:
+        """The dispatcher routed the batches up to seq; returns how many envelopes they held."""
+        count = 0
+        while self.unacked and self.unacked[0][0] <= seq:
+            count += len(self.unacked.popleft()[1])
+        self._arm()
+        self.acked.set()
+        return count
+
+    def take_unacked(self) -> list[dispatcher_pb2.Envelope]:
+        """The stream ended: what it may not have delivered, to be published elsewhere."""
+        envelopes = [envelope for _, batch, _ in self.unacked for envelope in batch]
+        self.unacked.clear()
+        self.publishes = False
+        self.acked.set()
+        return envelopes
+
+    def _arm(self) -> None:
+        if self.deadline is not None and not self.deadline.expired():
+            self.deadline.reschedule(self.unacked[0][2] if self.unacked else None)
 
     def update_shared(self, shared: dispatcher_pb2.SharedUsers) -> None:
         if shared.full:
@@ -184,6 +247,8 @@ class DispatcherRelay:
         self._ready_timeout = ready_timeout
         self._resync = resync
         self._in_flight = 0
+        # Dispatchers whose last publish failed: tried last.
+        self._failed: set[str] = set()
         self._channels = ChannelCache(channel)
         self._stubs: dict[str, tuple[grpc.aio.Channel, DispatcherAsyncStub]] = {}
         self._weights: dict[str, bytes] = {}
@@ -310,27 +375,17 @@ class DispatcherRelay:
             stub = dispatcher_pb2_grpc.DispatcherStub(self._channels.get(link.address))
             call = stub.Subscribe(self._reports(link), metadata=self._metadata)
             try:
-                async for reply in call:
-                    if not link.connected:
-                        link.connected = True
-                        self._connected_changed.set()
-                        delay = 0.05
-                    if reply.HasField("shared"):
-                        link.update_shared(reply.shared)
-                    if reply.applied_report_version > link.applied_version:
-                        link.confirm(reply.applied_report_version)
-                        if 0 < link.opening_version <= link.applied_version:
-                            link.opening_version = 0
-                            # Envelopes for this node may have been lost while the stream was
-                            # down. The opening report is acknowledged once the other nodes
-                            # holding its users relay theirs here, so what the local streams
-                            # read from the store now leaves nothing out.
-                            if self._resync is not None:
-                                self._resync()
-                    if reply.envelopes:
-                        RECEIVED.inc(len(reply.envelopes))
-                        self._deliver(reply.envelopes)
+                async with asyncio.timeout(None) as link.deadline:
+                    await self._read_link(link, call)
                 log.warning("dispatcher %s ended the stream; resubscribing", link.dispatcher_id)
+            except TimeoutError:
+                self._failed.add(link.dispatcher_id)
+                PUBLISH_FAILURES.labels(link.dispatcher_id).inc()
+                log.warning(
+                    "dispatcher %s acknowledged no publish within %.1f s; resubscribing",
+                    link.dispatcher_id,
+                    self._publish_timeout,
+                )
             except grpc.aio.AioRpcError as exc:
                 log.warning(
                     "stream to dispatcher %s broke (%s); resubscribing",
@@ -338,32 +393,83 @@ class DispatcherRelay:
                     exc.code().name,
                 )
             finally:
+                link.deadline = None
                 call.cancel()
+                if link.connected:
+                    delay = 0.05
                 link.connected = False
                 link.synced = False
                 link.applied.set()
+                self._requeue(link.take_unacked())
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+    async def _read_link(
+        self, link: _Link, call: AsyncIterable[dispatcher_pb2.DispatcherSubscribeResponse]
+    ) -> None:
+        async for reply in call:
+            if not link.connected:
+                link.connected = True
+                self._connected_changed.set()
+            if reply.publish_on_stream:
+                link.publishes = True
+                self._outbox_ready.set()
+            if reply.published_seq:
+                PUBLISHED.inc(link.published(reply.published_seq))
+                self._failed.discard(link.dispatcher_id)
+            if reply.HasField("shared"):
+                link.update_shared(reply.shared)
+            if reply.applied_report_version > link.applied_version:
+                link.confirm(reply.applied_report_version)
+                if 0 < link.opening_version <= link.applied_version:
+                    link.opening_version = 0
+                    # Envelopes for this node may have been lost while the stream was
+                    # down. The opening report is acknowledged once the other nodes
+                    # holding its users relay theirs here, so what the local streams
+                    # read from the store now leaves nothing out.
+                    if self._resync is not None:
+                        self._resync()
+            if reply.envelopes:
+                RECEIVED.inc(len(reply.envelopes))
+                self._deliver(reply.envelopes)
 
     async def _reports(
         self, link: _Link
     ) -> AsyncIterator[dispatcher_pb2.DispatcherSubscribeRequest]:
         # A new stream starts from a full report: the dispatcher forgot this node when the last
         # one ended.
-        link.start()
+        stream = link.start()
         yield dispatcher_pb2.DispatcherSubscribeRequest(
             node_id=self._node_id,
             report=dispatcher_pb2.RoutingReport(full=True, added=list(self._users())),
             report_version=link.sent_version,
         )
+        loop = asyncio.get_running_loop()
+        report_due: float | None = None
         while True:
-            await link.changed.wait()
-            if link.added or link.removed:
-                # Gather the changes of a short window into one report.
-                await asyncio.sleep(self._report_interval)
+            if not link.changed.is_set():
+                wait = None if report_due is None else report_due - loop.time()
+                if wait is None or wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await link.changed.wait()
+            if link.streams != stream:
+                # gRPC may leave an ended stream's requests unread: what is left goes on the new.
+                return
             link.changed.clear()
+            # Envelopes go at once; routing changes gather over a short window into one report.
+            for seq, envelopes in link.unwritten():
+                link.written_seq = seq
+                yield dispatcher_pb2.DispatcherSubscribeRequest(
+                    envelopes=envelopes, publish_seq=seq
+                )
             request = dispatcher_pb2.DispatcherSubscribeRequest()
-            if link.added or link.removed:
+            if not (link.added or link.removed):
+                report_due = None
+            elif report_due is None:
+                report_due = loop.time() + self._report_interval
+            if report_due is not None and loop.time() >= report_due:
+                report_due = None
                 link.sent_version += 1
                 request.report.added.extend(link.added)
                 request.report.removed.extend(link.removed)
@@ -405,18 +511,35 @@ class DispatcherRelay:
         return known[1]
 
     async def _publish_loop(self) -> None:
-        failed: set[str] = set()
+        failed = self._failed
+        current: _Link | None = None
         while True:
             await self._outbox_ready.wait()
             if not self._outbox:
                 self._outbox_ready.clear()
                 continue
-            batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
-            self._in_flight = len(batch)
-            request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
             order = self._publish_order()
             # Those that failed lately go last, not out: one of them may be the only one left.
             order.sort(key=lambda info: info.dispatcher_id in failed)
+            link = self._stream_for(order)
+            if link is not None:
+                if current is not None and current is not link and current.unacked:
+                    # Moving to another stream: the last one's batches land first, so each
+                    # recipient's messages keep their order.
+                    await _acked(current, 0)
+                    continue
+                if len(link.unacked) >= PUBLISH_WINDOW:
+                    await _acked(link, PUBLISH_WINDOW - 1)
+                    continue
+                batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
+                del self._outbox[: len(batch)]
+                link.publish(batch, self._publish_timeout)
+                current = link
+                continue
+            current = None
+            batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
+            self._in_flight = len(batch)
+            request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
             for info in order:
                 stub = self._publish_stub(info.address)
                 try:
@@ -448,6 +571,21 @@ class DispatcherRelay:
                     self._drop_in_flight(len(self._outbox))
                 # Every dispatcher refused: wait a little before the next round.
                 await asyncio.sleep(0.1)
+
+    def _stream_for(self, order: list[types_pb2.DispatcherInfo]) -> _Link | None:
+        """The first dispatcher in order whose stream takes envelopes, if any."""
+        for info in order:
+            link = self._links.get(info.dispatcher_id)
+            if link is not None and link.publishes:
+                return link
+        return None
+
+    def _requeue(self, envelopes: list[dispatcher_pb2.Envelope]) -> None:
+        """Put back, ahead of newer ones, envelopes a stream ended without acknowledging (a
+        dispatcher may have routed some: receiving nodes drop what they already delivered)."""
+        if envelopes:
+            self._outbox[self._in_flight : self._in_flight] = envelopes
+            self._outbox_ready.set()
 
     def _drop_in_flight(self, count: int) -> None:
         DROPPED.inc(count)

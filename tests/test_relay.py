@@ -1,17 +1,20 @@
-"""A node's relay against a real dispatcher over gRPC, in one process: which of its users a node
-keeps off the dispatchers."""
+"""A node's relay against real dispatchers over gRPC, in one process: which of its users a node
+keeps off the dispatchers, and publishing on the Subscribe stream with failover."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import grpc.aio
 import pytest
+from prometheus_client import REGISTRY
 
-from dispatcher.routing import Router
+from dispatcher.routing import NodeLink, Router
 from dispatcher.servicer import DispatcherServicer
 from node.relay import DispatcherRelay
-from pigeon.v1 import dispatcher_pb2_grpc, types_pb2
+from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -20,15 +23,22 @@ pytestmark = pytest.mark.integration
 class Node:
     """The relay side of one node, with the users it holds."""
 
-    def __init__(self, node_id: str, view: dict[str, types_pb2.DispatcherInfo]) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        view: dict[str, types_pb2.DispatcherInfo],
+        publish_timeout: float = 1.0,
+    ) -> None:
         self.users: set[str] = set()
+        self.got: list[str] = []
         self.relay = DispatcherRelay(
             node_id=node_id,
             cluster_secret="secret",
             dispatchers=lambda: view,
             users=lambda: self.users,
-            deliver=lambda envelopes: None,
+            deliver=lambda envelopes: self.got.extend(e.message.id for e in envelopes),
             report_interval=0.01,
+            publish_timeout=publish_timeout,
             check_interval=0.05,
             # Long enough never to run out here: routes_ready returns on the acknowledgement.
             ready_timeout=30,
@@ -113,3 +123,168 @@ async def test_a_node_that_subscribes_later_learns_which_users_are_shared(
             )
         # b's stream ended: ola is a's alone again.
         await wait_until(lambda: not a.relay.elsewhere("ola"), 5, "ola to be a's alone")
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+
+class _Silent(NodeLink):
+    """A dispatcher that takes envelopes on the stream and then hangs: never routes or
+    acknowledges them."""
+
+    def acknowledge_published(self, seq: int) -> None:
+        pass
+
+
+class _SilentRouter(Router):
+    def attach(self, node_id: str) -> NodeLink:
+        link = super().attach(node_id)
+        link.__class__ = _Silent
+        return link
+
+    def route(self, envelopes: object) -> None:
+        pass
+
+
+class _Old(NodeLink):
+    """A dispatcher from before publishing on the stream: it never says it takes envelopes."""
+
+    async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
+        reply = await super().take()
+        if reply is not None:
+            reply.publish_on_stream = False
+        return reply
+
+
+class _OldRouter(Router):
+    def attach(self, node_id: str) -> NodeLink:
+        link = super().attach(node_id)
+        link.__class__ = _Old
+        return link
+
+
+@asynccontextmanager
+async def _serving(
+    routers: dict[str, Router],
+) -> AsyncIterator[tuple[dict[str, grpc.aio.Server], dict[str, types_pb2.DispatcherInfo]]]:
+    servers: dict[str, grpc.aio.Server] = {}
+    view: dict[str, types_pb2.DispatcherInfo] = {}
+    try:
+        for dispatcher_id, router in routers.items():
+            server = servers[dispatcher_id] = grpc.aio.server()
+            dispatcher_pb2_grpc.add_DispatcherServicer_to_server(DispatcherServicer(router), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            view[dispatcher_id] = types_pb2.DispatcherInfo(
+                dispatcher_id=dispatcher_id, address=f"127.0.0.1:{port}"
+            )
+        yield servers, view
+    finally:
+        for server in servers.values():
+            await server.stop(None)
+
+
+def _received(via: str) -> float:
+    value = REGISTRY.get_sample_value("pigeon_dispatcher_envelopes_received_total", {"via": via})
+    return value or 0.0
+
+
+def _failures(dispatcher_id: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "pigeon_node_publish_failures_total", {"dispatcher_id": dispatcher_id}
+    )
+    return value or 0.0
+
+
+def _envelopes(prefix: str, count: int, to: str) -> list[dispatcher_pb2.Envelope]:
+    return [
+        dispatcher_pb2.Envelope(
+            recipient=to, origin_node_id="a", message=types_pb2.Message(id=f"{prefix}{i}")
+        )
+        for i in range(count)
+    ]
+
+
+def _preferred(node_id: str, dispatcher_ids: list[str]) -> str:
+    """The dispatcher node_id publishes to first (the relay spreads nodes by this hash)."""
+    return max(
+        dispatcher_ids,
+        key=lambda d: hashlib.blake2b(f"{node_id}\x00{d}".encode(), digest_size=8).digest(),
+    )
+
+
+async def _two_nodes_connected(a: Node, b: Node) -> None:
+    for node in (a, b):
+        assert await node.relay.wait_connected(5)
+    await b.relay.routes_ready()
+
+
+async def test_envelopes_go_on_the_stream_and_arrive_once_in_order() -> None:
+    async with _serving({"d1": Router(), "d2": Router()}) as (_, view):
+        a, b = Node("a", view), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            by_stream, by_call = _received("stream"), _received("call")
+            sent = _envelopes("m", 60, "ria")
+            for i in range(0, 60, 6):
+                a.relay.relay(sent[i : i + 6])
+            expected = [e.message.id for e in sent]
+            await wait_until(lambda: len(b.got) >= 60, 5, "b to get the 60 envelopes")
+            assert b.got == expected
+            assert _received("stream") - by_stream == 60
+            assert _received("call") == by_call
+
+
+async def test_a_dispatcher_that_never_acknowledges_is_left_within_the_publish_timeout() -> None:
+    silent = _preferred("a", ["d1", "d2"])
+    other = "d2" if silent == "d1" else "d1"
+    routers = {silent: _SilentRouter(), other: Router()}
+    async with _serving(routers) as (_, view):
+        a, b = Node("a", view, publish_timeout=0.5), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            failures = _failures(silent)
+            a.relay.relay(_envelopes("s", 5, "ria"))
+            # The silent one swallows them; after 0.5 s they go to the other dispatcher.
+            await wait_until(lambda: len(b.got) >= 5, 5, "the envelopes to go round")
+            assert b.got == [f"s{i}" for i in range(5)]
+            assert _failures(silent) - failures >= 1
+            # Later envelopes go to the dispatcher that answers, at once.
+            a.relay.relay(_envelopes("t", 5, "ria"))
+            await wait_until(lambda: len(b.got) >= 10, 0.4, "the next envelopes")
+            assert b.got[5:] == [f"t{i}" for i in range(5)]
+
+
+async def test_envelopes_on_a_stream_that_ends_go_to_another_dispatcher() -> None:
+    first = _preferred("a", ["d1", "d2"])
+    async with _serving({"d1": Router(), "d2": Router()}) as (servers, view):
+        a, b = Node("a", view), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            a.relay.relay(_envelopes("x", 3, "ria"))
+            await wait_until(lambda: len(b.got) >= 3, 5, "the first envelopes")
+            await servers[first].stop(None)
+            # Whatever the stopped dispatcher took and did not acknowledge goes round again;
+            # b gets every envelope (a repeat is possible, and the node core drops it).
+            a.relay.relay(_envelopes("y", 3, "ria"))
+            await wait_until(
+                lambda: {"y0", "y1", "y2"} <= set(b.got), 5, "the envelopes after the stop"
+            )
+            assert b.got[:3] == ["x0", "x1", "x2"]
+
+
+async def test_a_dispatcher_that_does_not_take_envelopes_on_the_stream_gets_publish_calls() -> None:
+    async with _serving({"d1": _OldRouter()}) as (_, view):
+        a, b = Node("a", view), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            by_stream, by_call = _received("stream"), _received("call")
+            a.relay.relay(_envelopes("o", 4, "ria"))
+            await wait_until(lambda: len(b.got) >= 4, 5, "the envelopes")
+            assert b.got == ["o0", "o1", "o2", "o3"]
+            assert _received("call") - by_call == 4
+            assert _received("stream") == by_stream

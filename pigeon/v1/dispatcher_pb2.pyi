@@ -63,6 +63,8 @@ class DispatcherSubscribeRequest(_message.Message):
     REPORT_FIELD_NUMBER: _builtins.int
     REPORT_VERSION_FIELD_NUMBER: _builtins.int
     APPLIED_SHARED_VERSION_FIELD_NUMBER: _builtins.int
+    ENVELOPES_FIELD_NUMBER: _builtins.int
+    PUBLISH_SEQ_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The sending node's id; required on the first message of the stream."""
     report_version: _builtins.int
@@ -74,9 +76,17 @@ class DispatcherSubscribeRequest(_message.Message):
     dispatcher holds back another node's report acknowledgement until the nodes it told about
     that report's users have applied it.
     """
+    publish_seq: _builtins.int
+    """Numbers the messages that carry envelopes on this stream: 1, 2, 3..."""
     @_builtins.property
     def report(self) -> Global___RoutingReport:
         """Which users the node holds."""
+
+    @_builtins.property
+    def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
+        """Envelopes to relay, as in DispatcherPublishRequest; only to a dispatcher that said
+        publish_on_stream on this stream.
+        """
 
     def __init__(
         self,
@@ -85,10 +95,12 @@ class DispatcherSubscribeRequest(_message.Message):
         report: Global___RoutingReport | None = ...,
         report_version: _builtins.int = ...,
         applied_shared_version: _builtins.int = ...,
+        envelopes: _abc.Iterable[Global___Envelope] | None = ...,
+        publish_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_shared_version", b"applied_shared_version", "node_id", b"node_id", "report", b"report", "report_version", b"report_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_shared_version", b"applied_shared_version", "envelopes", b"envelopes", "node_id", b"node_id", "publish_seq", b"publish_seq", "report", b"report", "report_version", b"report_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -188,8 +200,16 @@ class DispatcherSubscribeResponse(_message.Message):
     ENVELOPES_FIELD_NUMBER: _builtins.int
     APPLIED_REPORT_VERSION_FIELD_NUMBER: _builtins.int
     SHARED_FIELD_NUMBER: _builtins.int
+    PUBLISHED_SEQ_FIELD_NUMBER: _builtins.int
+    PUBLISH_ON_STREAM_FIELD_NUMBER: _builtins.int
     applied_report_version: _builtins.int
     """The report_version of the last report from this node that the dispatcher has applied."""
+    published_seq: _builtins.int
+    """The publish_seq of the last message from this node whose envelopes the dispatcher has
+    queued for their nodes (what the response of a Publish call says).
+    """
+    publish_on_stream: _builtins.bool
+    """True (on the first message of the stream) if the dispatcher takes envelopes on this stream."""
     @_builtins.property
     def envelopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
         """The envelopes, in the order the dispatcher received them."""
@@ -206,10 +226,12 @@ class DispatcherSubscribeResponse(_message.Message):
         envelopes: _abc.Iterable[Global___Envelope] | None = ...,
         applied_report_version: _builtins.int = ...,
         shared: Global___SharedUsers | None = ...,
+        published_seq: _builtins.int = ...,
+        publish_on_stream: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared", b"shared"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_report_version", b"applied_report_version", "envelopes", b"envelopes", "shared", b"shared"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_report_version", b"applied_report_version", "envelopes", b"envelopes", "publish_on_stream", b"publish_on_stream", "published_seq", b"published_seq", "shared", b"shared"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

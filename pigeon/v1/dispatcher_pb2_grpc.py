@@ -55,14 +55,17 @@ class DispatcherServicer:
 
     def Subscribe(self, request_iterator, context):
         """A node's stream to the dispatcher: the node reports which users it holds (a full report
-        when the stream opens, then changes); the dispatcher sends it the envelopes it needs.
+        when the stream opens, then changes); the dispatcher sends it the envelopes it needs. A node
+        also publishes on it (envelopes with a publish_seq, acknowledged by published_seq), which
+        costs less than a Publish call per batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Publish(self, request, context):
-        """A node hands over envelopes for recipients it does not hold, batched.
+        """A node hands over envelopes for recipients it does not hold, batched (when it has no
+        Subscribe stream that takes them, and for tools).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

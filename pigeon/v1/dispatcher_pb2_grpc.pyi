@@ -37,10 +37,14 @@ class DispatcherStub:
     def __new__(cls, channel: _aio.Channel) -> DispatcherAsyncStub: ...
     Subscribe: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.DispatcherSubscribeRequest, _dispatcher_pb2.DispatcherSubscribeResponse]
     """A node's stream to the dispatcher: the node reports which users it holds (a full report
-    when the stream opens, then changes); the dispatcher sends it the envelopes it needs.
+    when the stream opens, then changes); the dispatcher sends it the envelopes it needs. A node
+    also publishes on it (envelopes with a publish_seq, acknowledged by published_seq), which
+    costs less than a Publish call per batch.
     """
     Publish: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DispatcherPublishRequest, _dispatcher_pb2.DispatcherPublishResponse]
-    """A node hands over envelopes for recipients it does not hold, batched."""
+    """A node hands over envelopes for recipients it does not hold, batched (when it has no
+    Subscribe stream that takes them, and for tools).
+    """
 
 @_typing.type_check_only
 class DispatcherAsyncStub(DispatcherStub):
@@ -51,10 +55,14 @@ class DispatcherAsyncStub(DispatcherStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Subscribe: _aio.StreamStreamMultiCallable[_dispatcher_pb2.DispatcherSubscribeRequest, _dispatcher_pb2.DispatcherSubscribeResponse]  # type: ignore[assignment]
     """A node's stream to the dispatcher: the node reports which users it holds (a full report
-    when the stream opens, then changes); the dispatcher sends it the envelopes it needs.
+    when the stream opens, then changes); the dispatcher sends it the envelopes it needs. A node
+    also publishes on it (envelopes with a publish_seq, acknowledged by published_seq), which
+    costs less than a Publish call per batch.
     """
     Publish: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DispatcherPublishRequest, _dispatcher_pb2.DispatcherPublishResponse]  # type: ignore[assignment]
-    """A node hands over envelopes for recipients it does not hold, batched."""
+    """A node hands over envelopes for recipients it does not hold, batched (when it has no
+    Subscribe stream that takes them, and for tools).
+    """
 
 class DispatcherServicer(metaclass=_abc_1.ABCMeta):
     """The cross-node relay. Internal: every call carries "authorization: Bearer <cluster secret>".
@@ -68,7 +76,9 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.DispatcherSubscribeResponse], _abc.AsyncIterator[_dispatcher_pb2.DispatcherSubscribeResponse]]:
         """A node's stream to the dispatcher: the node reports which users it holds (a full report
-        when the stream opens, then changes); the dispatcher sends it the envelopes it needs.
+        when the stream opens, then changes); the dispatcher sends it the envelopes it needs. A node
+        also publishes on it (envelopes with a publish_seq, acknowledged by published_seq), which
+        costs less than a Publish call per batch.
         """
 
     @_abc_1.abstractmethod
@@ -77,6 +87,8 @@ class DispatcherServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatcher_pb2.DispatcherPublishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.DispatcherPublishResponse, _abc.Awaitable[_dispatcher_pb2.DispatcherPublishResponse]]:
-        """A node hands over envelopes for recipients it does not hold, batched."""
+        """A node hands over envelopes for recipients it does not hold, batched (when it has no
+        Subscribe stream that takes them, and for tools).
+        """
 
 def add_DispatcherServicer_to_server(servicer: DispatcherServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
