@@ -744,8 +744,11 @@ def _notes(
         "dispatcher; every cluster stores in one SQLite file unless labelled MongoDB.",
         f"Latency: open loop at {plan.rate:,} msgs/s for {plan.latency_seconds:g} s, 1 message "
         f"per call (many users) or {plan.latency_batch} per call (a sender batching "
-        f"{plan.latency_batch * 1000 // plan.rate} ms), from each message's scheduled send time "
-        "to its arrival; the ceiling is driven the same way.",
+        f"{plan.latency_batch * 1000 // plan.rate} ms), to each message's arrival from the time "
+        "its Send call was due (so a late sender, queueing and any stall count); batched rows "
+        "also from each message's own scheduled time, which adds the up to "
+        f"{(plan.latency_batch - 1) * 1000 // plan.rate} ms it waited in the sender for the rest "
+        "of its batch. The ceiling is driven the same way.",
         f"Fan-out and memory: {plan.streams:,} streams (one user each) on one node from "
         f"{plan.hold_workers} processes; RSS is the node's VmRSS before and after opening them. "
         f"Storm: {plan.storm:,} clients at once.",

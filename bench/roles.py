@@ -145,6 +145,8 @@ class _Streams:
         # Events (stream frames) that arrived in the window, whatever they carried.
         self.events = 0
         self.latencies = array("q")
+        # From the time the Send call that carried the message was due ("c"), where stamped.
+        self.from_call = array("q")
         self.cuts: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.ended = 0
@@ -201,6 +203,9 @@ class _Streams:
                 if low <= (sent_ns if self.by_send else now) <= high:
                     self.counted += 1
                     self.latencies.append(now - sent_ns)
+                    called = metadata.get("c")
+                    if called is not None:
+                        self.from_call.append(now - int(called))
             elif "fanout" in metadata and index not in self.fanout:
                 self.fanout[index] = now
                 if len(self.fanout) >= self.ready:
@@ -268,6 +273,7 @@ async def receive(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
             "counted": state.counted,
             "events": state.events,
             "latencies": state.latencies.tobytes(),
+            "from_call": state.from_call.tobytes(),
             "cuts": dict(state.cuts),
             "errors": dict(state.errors),
             "ended": state.ended,
@@ -369,6 +375,8 @@ async def send_at_rate(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
     latency instead of silently lowering the rate (no coordinated omission). With `batch` > 1
     the sender batches like a high-volume client: a call leaves when the last of its `batch`
     messages is due, so the earlier ones wait in the client and that wait counts as latency.
+    Each message also carries the time its call was due ("c"): latency from there leaves the
+    batching wait out and still counts a late sender.
 
     Params: target, address, node, senders, recipients, rate (messages/s), batch, body, drain.
     Command: go (start_ns, duration_ns). Counts are in messages.
@@ -400,10 +408,10 @@ async def send_at_rate(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += count
 
-        def draft(number: int) -> types_pb2.Draft:
+        def draft(number: int, called: str) -> types_pb2.Draft:
             due = start + int(number * interval)
             recipient = recipients[number % len(recipients)]
-            return types_pb2.Draft(to=[recipient], body=body, metadata={"t": str(due)})
+            return types_pb2.Draft(to=[recipient], body=body, metadata={"t": str(due), "c": called})
 
         number = 0
         calls = 0
@@ -411,13 +419,16 @@ async def send_at_rate(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
             last_due = start + int((number + batch - 1) * interval)
             await _sleep_until(last_due)
             lag = max(lag, time.time_ns() - last_due)
+            called = str(last_due)
             if batch == 1:
-                single = draft(number)
+                single = draft(number, called)
                 request = node_pb2.SendRequest(
                     to=single.to, body=single.body, metadata=single.metadata
                 )
             else:
-                request = node_pb2.SendRequest(batch=[draft(number + i) for i in range(batch)])
+                request = node_pb2.SendRequest(
+                    batch=[draft(number + i, called) for i in range(batch)]
+                )
             task = asyncio.create_task(one(senders[calls % len(senders)], request, batch))
             pending.add(task)
             task.add_done_callback(pending.discard)

@@ -386,6 +386,7 @@ class Scenarios:
             "send_errors": sent["errors"],
             "generator_max_lag_ms": sent["max_lag_ns"] / 1e6,
             "latency_ms": percentiles(samples),
+            "from_call_ms": percentiles(_samples(got, "from_call")),
             "stream_errors": _merge(r["errors"] for r in got),
             "cpu_cores": cpu,
         }
