@@ -24,6 +24,8 @@ RECEIVED = Counter(
     "Envelopes published by nodes, on their Subscribe streams or in Publish calls",
     ["via"],
 )
+RECEIVED_ON_STREAMS = RECEIVED.labels("stream")
+RECEIVED_IN_CALLS = RECEIVED.labels("call")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -74,7 +76,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
                 if request.HasField("report"):
                     self._router.report(link, request.report, request.report_version)
                 if request.publish_seq:
-                    RECEIVED.labels("stream").inc(len(request.envelopes))
+                    RECEIVED_ON_STREAMS.inc(len(request.envelopes))
                     self._router.route(request.envelopes)
                     link.acknowledge_published(request.publish_seq)
                 if request.applied_shared_version:
@@ -88,6 +90,6 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
     async def Publish(
         self, request: dispatcher_pb2.DispatcherPublishRequest, context: Context
     ) -> dispatcher_pb2.DispatcherPublishResponse:
-        RECEIVED.labels("call").inc(len(request.envelopes))
+        RECEIVED_IN_CALLS.inc(len(request.envelopes))
         self._router.route(request.envelopes)
         return dispatcher_pb2.DispatcherPublishResponse(accepted=len(request.envelopes))
