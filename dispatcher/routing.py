@@ -180,6 +180,9 @@ class Router:
     node the envelope came from.
     """
 
+    # What attach makes for each subscribed node.
+    link_type: type[NodeLink] = NodeLink
+
     def __init__(self, mode: str = "routed", queue_limit: int = 10000) -> None:
         if mode not in ("routed", "broadcast"):
             raise ValueError(f"routing mode must be routed or broadcast, not {mode!r}")
@@ -193,7 +196,7 @@ class Router:
         old = self.links.get(node_id)
         if old is not None:
             self.detach(old)
-        link = NodeLink(node_id, self.queue_limit)
+        link = self.link_type(node_id, self.queue_limit)
         self.links[node_id] = link
         NODES.set(len(self.links))
         return link
