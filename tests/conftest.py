@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.conftest_etcd", "tests.conftest_store"]
+pytest_plugins = ["tests.conftest_etcd", "tests.conftest_hangs", "tests.conftest_store"]

@@ -427,6 +427,35 @@ async def test_server_that_stops_answering_gives_store_error_within_the_timeout(
         await store.close()
 
 
+async def test_close_does_not_wait_on_a_server_that_stops_answering(
+    mongo_uri: str, database: str, admin: AsyncMongoClient[dict[str, Any]]
+) -> None:
+    app = f"pigeon-stall-{uuid.uuid4().hex[:8]}"
+    store = MongoStore(with_params(mongo_uri, appName=app), database, timeout_ms=500)
+    await store.open()
+    await store.heads("bob")  # leaves a server session for the close to end
+    await admin.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {
+                "failCommands": ["endSessions"],
+                "blockConnection": True,
+                "blockTimeMS": 4000,
+                "appName": app,
+            },
+        }
+    )
+    try:
+        started = time.monotonic()
+        await store.close()
+        assert time.monotonic() - started < 2.5
+        with pytest.raises(StoreError, match="not open"):
+            await store.heads("bob")
+    finally:
+        await admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
 async def test_standalone_server_is_refused_with_a_reason(tmp_path: Path) -> None:
     from secantus import SecantusDBServer
 

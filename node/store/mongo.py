@@ -244,7 +244,14 @@ class MongoStore:
             log.warning("mongodb: closing with %d calls still in progress", self._in_flight)
         client, self._client = self._client, None
         if client is not None:
-            await client.close()
+            # The driver's close ends the sessions with a server call that has no bound of its
+            # own: a server that stops answering would hold the shutdown forever.
+            try:
+                with pymongo.timeout(self._timeout_ms / 1000):
+                    async with asyncio.timeout(self._timeout_ms / 1000 + 5):
+                        await client.close()
+            except TimeoutError:
+                log.warning("mongodb: the server did not answer while closing; closed anyway")
 
     # -- plumbing --------------------------------------------------------------------------
 
