@@ -257,6 +257,7 @@ class DispatcherRelay:
         self._outbox_ready = asyncio.Event()
         self._connected_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     async def __aenter__(self) -> DispatcherRelay:
         self._tasks = [
@@ -271,6 +272,7 @@ class DispatcherRelay:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._closing = True
         tasks = [*self._tasks, *(link.task for link in self._links.values() if link.task)]
         for task in tasks:
             task.cancel()
@@ -395,12 +397,18 @@ class DispatcherRelay:
             finally:
                 link.deadline = None
                 call.cancel()
-                if link.connected:
-                    delay = 0.05
-                link.connected = False
+                was_connected, link.connected = link.connected, False
                 link.synced = False
                 link.applied.set()
                 self._requeue(link.take_unacked())
+                if was_connected:
+                    delay = 0.05
+                    # Envelopes for this node that the dispatcher had taken, maybe already
+                    # acknowledged to their sender, ended with the stream. They are stored:
+                    # the local streams check the store, without waiting for a later message
+                    # to show the gap.
+                    if self._resync is not None and not self._closing:
+                        self._resync()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 

@@ -1,11 +1,15 @@
 """A node's relay against real dispatchers over gRPC, in one process: which of its users a node
-keeps off the dispatchers, and publishing on the Subscribe stream with failover."""
+keeps off the dispatchers, publishing on the Subscribe stream with failover, and what a node's
+streams do when a dispatcher's stream ends."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc.aio
 import pytest
@@ -13,8 +17,11 @@ from prometheus_client import REGISTRY
 
 from dispatcher.routing import NodeLink, Router
 from dispatcher.servicer import DispatcherServicer
+from node.core import NodeCore
 from node.relay import DispatcherRelay
-from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
+from node.store.sqlite import SqliteStore
+from node.validate import Outgoing
+from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, node_pb2, types_pb2
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -136,8 +143,9 @@ class _Silent(NodeLink):
         pass
 
 
-class _SilentRouter(Router):
-    link_type = _Silent
+class _LosingRouter(Router):
+    """A dispatcher that takes and acknowledges envelopes and routes none of them, as one that
+    dies right after acknowledging."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,6 +153,10 @@ class _SilentRouter(Router):
 
     def route(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         self.taken += len(envelopes)
+
+
+class _SilentRouter(_LosingRouter):
+    link_type = _Silent
 
 
 class _Old(NodeLink):
@@ -287,3 +299,60 @@ async def test_a_dispatcher_that_does_not_take_envelopes_on_the_stream_gets_publ
             assert b.got == ["o0", "o1", "o2", "o3"]
             assert _received("call") - by_call == 4
             assert _received("stream") == by_stream
+
+
+async def test_what_a_dispatcher_acknowledged_and_lost_reaches_the_user_when_its_stream_ends(
+    tmp_path: Path,
+) -> None:
+    losing = _LosingRouter()
+    stores = [SqliteStore(str(tmp_path / "pigeon.db")) for _ in range(2)]
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": losing}) as (servers, view):
+        cores = []
+        for node_id, store in zip("ab", stores, strict=True):
+            await store.open()
+            stack.push_async_callback(store.close)
+            core = await stack.enter_async_context(NodeCore(store, node_id=node_id))
+            core.relay = await stack.enter_async_context(
+                DispatcherRelay(
+                    node_id=node_id,
+                    cluster_secret="secret",
+                    dispatchers=lambda: view,
+                    users=core.pool.users,
+                    deliver=core.receive,
+                    resync=core.resync,
+                    report_interval=0.01,
+                    check_interval=0.05,
+                )
+            )
+            assert await core.relay.wait_connected(5)
+            cores.append(core)
+        a, b = cores
+        events: list[node_pb2.SubscribeResponse] = []
+
+        async def read() -> None:
+            async for event in b.subscribe("ria", None, None):
+                events.append(event)
+
+        reader = asyncio.create_task(read())
+        stack.push_async_callback(_cancelled, reader)
+        await wait_until(lambda: any(e.HasField("replay_done") for e in events), 5, "the replay")
+        await b.relay.routes_ready()
+        [stored] = await a.send(
+            "alice", [Outgoing(to=("ria",), title="", body="lost on the way", metadata={})]
+        )
+        await wait_until(lambda: losing.taken == 1, 5, "the dispatcher to take the envelope")
+        await asyncio.sleep(0.2)
+        assert not [m for e in events for m in e.messages]  # lost, not late
+        # No later message will show ria's stream the gap: the stream's end must.
+        await servers["d1"].stop(None)
+        await wait_until(
+            lambda: [m.id for e in events for m in e.messages] == [stored.id],
+            5,
+            "the stored message to reach ria's stream",
+        )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
