@@ -79,7 +79,12 @@ async def serve(config: NodeConfig) -> int:
                 max_streams_per_user=config.max_streams_per_user,
             ) as core,
             ClusterView(
-                config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
+                config.etcd_endpoints,
+                config.etcd_prefix,
+                timeout=config.etcd_timeout,
+                # A node that stopped may have stored messages it never relayed (it died
+                # between the two): the streams here check the store for their users.
+                on_node_left=lambda left: core.resync() if left != node_id else None,
             ) as view,
             DispatcherRelay(
                 node_id=node_id,

@@ -70,11 +70,20 @@ class ClusterView:
     """The live nodes and dispatchers, decoded once per change from a prefix watch of etcd.
 
     Use as an async context manager; ``nodes`` and ``dispatchers`` are dicts by id, current as of
-    the last etcd event (and kept while etcd is unreachable).
+    the last etcd event (and kept while etcd is unreachable). ``on_node_left`` is called with the
+    id of a node whose key went away (it stopped, or its lease ran out).
     """
 
-    def __init__(self, endpoints: list[str], prefix: str, *, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str,
+        *,
+        timeout: float = 2.0,
+        on_node_left: Callable[[str], None] | None = None,
+    ) -> None:
         self._prefix = prefix
+        self._on_node_left = on_node_left
         self.nodes: dict[str, types_pb2.NodeInfo] = {}
         self.dispatchers: dict[str, types_pb2.DispatcherInfo] = {}
         self.watch = PrefixWatch(endpoints, prefix, timeout=timeout, on_change=self._changed)
@@ -84,7 +93,8 @@ class ClusterView:
         if kind == "nodes":
             node = decode_node(value) if value is not None else None
             if node is None:
-                self.nodes.pop(member_id, None)
+                if self.nodes.pop(member_id, None) is not None and self._on_node_left is not None:
+                    self._on_node_left(member_id)
             else:
                 self.nodes[member_id] = node
         elif kind == "dispatchers":

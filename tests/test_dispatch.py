@@ -169,6 +169,27 @@ async def test_killing_a_dispatcher_mid_traffic_loses_nothing(tmp_path: Path) ->
         cluster.stop()
 
 
+async def test_a_message_a_node_stored_but_never_relayed_arrives_once_that_node_leaves(
+    tmp_path: Path,
+) -> None:
+    # No dispatcher: A stores the message and cannot relay it, as if it died between the two.
+    cluster = start_cluster(tmp_path, nodes=2, dispatchers=0)
+    client = ClusterClient(cluster)
+    try:
+        a, b = cluster.nodes
+        ivy = client.subscribe(b, "ivy")
+        await ivy.wait(live)
+        await client.send(a, "alice", ["ivy"], "stored, not relayed")
+        await asyncio.sleep(0.3)
+        assert ivy.messages == []
+        await asyncio.to_thread(a.stop)
+        await ivy.wait(lambda i: bodies(i) == ["stored, not relayed"], timeout=10)
+        await ivy.close()
+    finally:
+        await client.close()
+        cluster.stop()
+
+
 async def test_a_dispatcher_that_starts_later_is_used_by_every_node(tmp_path: Path) -> None:
     cluster = start_cluster(tmp_path, nodes=2, dispatchers=0)
     client = ClusterClient(cluster)
