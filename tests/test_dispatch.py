@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,20 @@ def start_cluster(path: Path, **options: object) -> LocalCluster:
     cluster = LocalCluster(path, gate_port=0, gate_http_port=0, env=ENV, **options)  # type: ignore[arg-type]
     cluster.start()
     return cluster
+
+
+@asynccontextmanager
+async def own_cluster(
+    path: Path, **options: object
+) -> AsyncIterator[tuple[LocalCluster, ClusterClient]]:
+    """A cluster for one test, with a client; both stopped afterwards, also on failure."""
+    cluster = start_cluster(path, **options)
+    client = ClusterClient(cluster)
+    try:
+        yield cluster, client
+    finally:
+        await client.close()
+        cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +138,9 @@ async def test_a_node_that_restarts_is_routed_to_again(client: ClusterClient) ->
 
 
 async def test_broadcast_mode_delivers_the_same(tmp_path: Path) -> None:
-    cluster = start_cluster(
+    async with own_cluster(
         tmp_path, nodes=2, dispatchers=1, dispatcher_env={"PIGEON_ROUTING_MODE": "broadcast"}
-    )
-    client = ClusterClient(cluster)
-    try:
+    ) as (cluster, client):
         a, b = cluster.nodes
         frank = client.subscribe(b, "frank")
         await frank.wait(live)
@@ -136,15 +149,10 @@ async def test_broadcast_mode_delivers_the_same(tmp_path: Path) -> None:
         # In broadcast mode B also receives the envelope for the user it does not hold.
         await asyncio.sleep(0.2)
         assert client.metric(b, "pigeon_node_envelopes_received_total") >= 2
-    finally:
-        await client.close()
-        cluster.stop()
 
 
 async def test_killing_a_dispatcher_mid_traffic_loses_nothing(tmp_path: Path) -> None:
-    cluster = start_cluster(tmp_path, nodes=2, dispatchers=2)
-    client = ClusterClient(cluster)
-    try:
+    async with own_cluster(tmp_path, nodes=2, dispatchers=2) as (cluster, client):
         a, b = cluster.nodes
         gina = client.subscribe(b, "gina")
         await gina.wait(live)
@@ -164,18 +172,13 @@ async def test_killing_a_dispatcher_mid_traffic_loses_nothing(tmp_path: Path) ->
         await asyncio.sleep(0.3)
         assert [m.seq for m in gina.messages] == list(range(1, total + 1))
         await gina.close()
-    finally:
-        await client.close()
-        cluster.stop()
 
 
 async def test_a_message_a_node_stored_but_never_relayed_arrives_once_that_node_leaves(
     tmp_path: Path,
 ) -> None:
     # No dispatcher: A stores the message and cannot relay it, as if it died between the two.
-    cluster = start_cluster(tmp_path, nodes=2, dispatchers=0)
-    client = ClusterClient(cluster)
-    try:
+    async with own_cluster(tmp_path, nodes=2, dispatchers=0) as (cluster, client):
         a, b = cluster.nodes
         ivy = client.subscribe(b, "ivy")
         await ivy.wait(live)
@@ -185,15 +188,10 @@ async def test_a_message_a_node_stored_but_never_relayed_arrives_once_that_node_
         await asyncio.to_thread(a.stop)
         await ivy.wait(lambda i: bodies(i) == ["stored, not relayed"], timeout=10)
         await ivy.close()
-    finally:
-        await client.close()
-        cluster.stop()
 
 
 async def test_a_dispatcher_that_starts_later_is_used_by_every_node(tmp_path: Path) -> None:
-    cluster = start_cluster(tmp_path, nodes=2, dispatchers=0)
-    client = ClusterClient(cluster)
-    try:
+    async with own_cluster(tmp_path, nodes=2, dispatchers=0) as (cluster, client):
         a, b = cluster.nodes
         hank = client.subscribe(b, "hank")
         await hank.wait(live)
@@ -206,6 +204,3 @@ async def test_a_dispatcher_that_starts_later_is_used_by_every_node(tmp_path: Pa
         assert hank.messages[-1].body == "through the new dispatcher"
         assert client.metric(cluster.dispatchers[0], "pigeon_dispatcher_nodes") == 2
         await hank.close()
-    finally:
-        await client.close()
-        cluster.stop()
