@@ -41,6 +41,8 @@ class GroupCommit(Generic[T, R]):
         max_size: the most items per write (1 turns batching off).
         max_wait: seconds to wait for company after the first item of an idle period (0 writes at
             once; batches still form while a write is in flight).
+        answered: called after each written batch's callers have been answered (their wake-ups
+            are queued): work scheduled from it runs after them.
     """
 
     def __init__(
@@ -49,8 +51,10 @@ class GroupCommit(Generic[T, R]):
         *,
         max_size: int = 256,
         max_wait: float = 0.0,
+        answered: Callable[[], None] | None = None,
     ) -> None:
         self._write = write
+        self._answered = answered
         self._max_size = max(1, max_size)
         self._max_wait = max_wait
         self._queue: list[tuple[Sequence[T], asyncio.Future[list[R]]]] = []
@@ -137,4 +141,6 @@ class GroupCommit(Generic[T, R]):
                     if not future.done():
                         future.set_result(results[offset : offset + len(items)])
                     offset += len(items)
+                if self._answered is not None:
+                    self._answered()
             self._idle.set()

@@ -232,8 +232,10 @@ class NodeCore:
         self.heartbeat_interval = heartbeat_interval
         self.max_streams_per_user = max_streams_per_user
         self._commit: GroupCommit[NewMessage, Stored] = GroupCommit(
-            self._write, max_size=batch_max_size, max_wait=batch_max_wait
+            self._write, max_size=batch_max_size, max_wait=batch_max_wait, answered=self._answered
         )
+        # Broadcasts of the batch being written, pushed once its publishers are answered.
+        self._broadcasts: list[types_pb2.Message] = []
         self._unread = _Unread(store, self.pool)
         # Events with no more messages than this fit MAX_EVENT_BYTES whatever their size.
         largest = (
@@ -284,7 +286,8 @@ class NodeCore:
             ) from exc
 
     async def _write(self, batch: Sequence[NewMessage]) -> list[Stored]:
-        # Delivery happens here, in the single writer, so streams see commit order.
+        # Delivery happens here, in the single writer, so streams see commit order (broadcasts
+        # right after their publishers are answered, still ahead of the next write).
         stored = await self.store.append(batch)
         envelopes: list[dispatcher_pb2.Envelope] = []
         kinds: dict[Kind, int] = {}
@@ -294,7 +297,7 @@ class NodeCore:
             kinds[new.kind] = kinds.get(new.kind, 0) + 1
             if new.kind == Kind.BROADCAST:
                 message = _wire(new, result.broadcast_seq, "")
-                self._push_broadcast(message)
+                self._broadcasts.append(message)
                 envelopes.append(
                     dispatcher_pb2.Envelope(
                         message=message, broadcast=True, origin_node_id=self.node_id
@@ -318,6 +321,18 @@ class NodeCore:
         if envelopes:
             self.relay.relay(envelopes)
         return stored
+
+    def _answered(self) -> None:
+        # A broadcast wakes the writer of every stream. Pushed now, those wake-ups would run
+        # before the publisher's answer (10,000 streams kept it 1.8 s); pushed in a callback
+        # queued behind the answer, they do not delay it.
+        if self._broadcasts:
+            broadcasts, self._broadcasts = self._broadcasts, []
+            asyncio.get_running_loop().call_soon(self._push_broadcasts, broadcasts)
+
+    def _push_broadcasts(self, messages: list[types_pb2.Message]) -> None:
+        for message in messages:
+            self._push_broadcast(message)
 
     def _needs_relay(self, user_id: str) -> bool:
         """False for a user held here whom, as every dispatcher confirmed, no other node holds."""

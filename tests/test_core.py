@@ -266,6 +266,23 @@ async def test_a_user_cannot_open_streams_without_end() -> None:
             await reader.stop()
 
 
+async def test_a_broadcast_is_answered_before_any_stream_takes_it() -> None:
+    # The publisher's answer must not wait for the fan-out: every stream's writer runs after it.
+    async with NodeCore(MemoryStore(), node_id="n1", heartbeat_interval=5) as core:
+        readers = [Reader(core.subscribe(f"u{i}", None, None)) for i in range(200)]
+        for reader in readers:
+            await reader.until(replayed)
+        [stored] = await core.publish(
+            [Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)]
+        )
+        assert not [m for r in readers for e in r.events for m in e.messages]
+        for reader in readers:
+            await reader.until(
+                lambda r: [m.id for e in r.events for m in e.messages] == [stored.id]
+            )
+            await reader.stop()
+
+
 async def test_a_broadcast_raises_every_unread_count_by_one_without_store_reads() -> None:
     store = MemoryStore()
     async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
