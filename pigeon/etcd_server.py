@@ -19,6 +19,7 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,8 +56,16 @@ def etcd_binary() -> str:
     return path
 
 
+# Every port free_port has returned in this process. Until its server binds it, a port looks
+# free, so without this two calls close together could return the same one; and a server that is
+# stopped to be restarted on its port must not lose that port meanwhile.
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that is free right now.
+    """Return a TCP port on ``host`` that is free right now and that this process has not been
+    given before.
 
     The port is released before returning, so another process could take it in between. It is
     picked below the kernel's ephemeral range, which outgoing connections draw from: a port from
@@ -64,17 +73,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     before the server that was meant to have it starts.
     """
     low, _ = _ephemeral_range()
-    for _ in range(200):
-        port = random.randint(max(1024, low - 12_000), low - 1)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
+    with _handing_out:
+        for _ in range(200):
+            port = random.randint(max(1024, low - 12_000), low - 1)
+            if port in _handed_out:
                 continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        fallback: int = sock.getsockname()[1]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            fallback: int = sock.getsockname()[1]
+        _handed_out.add(fallback)
         return fallback
 
 

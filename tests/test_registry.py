@@ -113,6 +113,12 @@ def test_etcd_server_picks_distinct_free_ports(tmp_path: Path) -> None:
     assert free_port() > 0
 
 
+def test_free_port_never_returns_a_port_twice_before_it_is_bound() -> None:
+    # Servers bind their ports only when they start: ports picked together must all differ.
+    ports = [free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)
+
+
 # --- Registration seen through a PrefixWatch -----------------------------------------------------
 
 
