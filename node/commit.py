@@ -64,8 +64,10 @@ class GroupCommit(Generic[T, R]):
         self._busy = False
         self.drain_timeout = 10.0
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def __aenter__(self) -> GroupCommit[T, R]:
+        self._closing = False
         self._task = asyncio.create_task(self._run(), name="group-commit")
         return self
 
@@ -82,6 +84,11 @@ class GroupCommit(Generic[T, R]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.drain_timeout):
                         await self._idle.wait()
+            # The flag ends the writer even if the cancellation is lost: on 3.11
+            # asyncio.wait_for (inside the MongoDB driver) can swallow one that lands as its wait
+            # ends, and the writer would go back to waiting for work that never comes.
+            self._closing = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -110,7 +117,7 @@ class GroupCommit(Generic[T, R]):
         return taken
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             if self._max_wait and self._queued_items < self._max_size:

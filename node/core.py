@@ -102,12 +102,17 @@ class _Unread:
         self._last: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="unread-counts")
 
     async def stop(self) -> None:
         if self._task is not None:
+            # The flag ends the loop even if the cancellation is lost: on 3.11 asyncio.wait_for
+            # (inside the MongoDB driver) can swallow one that lands as its wait ends.
+            self._stopping = True
+            self._wake.set()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -150,10 +155,10 @@ class _Unread:
         self._generation[user_id] = self._generation.get(user_id, 0) + 1
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while self._dirty:
+            while self._dirty and not self._stopping:
                 user_id = next(iter(self._dirty))
                 del self._dirty[user_id]
                 if not self._pool.holds(user_id):

@@ -3,6 +3,7 @@ every handler, server options for stream bursts, TLS, and graceful shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("pigeon.server")
+
+# Seconds a stopping server may take beyond its grace period before it is left behind.
+STOP_MARGIN = 5.0
 
 RPCS = Counter(
     "pigeon_grpc_requests", "gRPC calls handled, by method and status code", ["method", "code"]
@@ -378,6 +382,15 @@ class GrpcServer:
     ) -> None:
         if self._server is None:
             return
-        await self.health.enter_graceful_shutdown()
-        await self._server.stop(self._grace)
-        self._server = None
+        server, self._server = self._server, None
+        # grpc's stop cancels what is left after the grace period and then waits, with no bound,
+        # for the core to report the shutdown done; a process that stops must not hang on it.
+        try:
+            async with asyncio.timeout((self._grace or 0) + STOP_MARGIN):
+                await self.health.enter_graceful_shutdown()
+                await server.stop(self._grace)
+        except TimeoutError:
+            log.warning(
+                "the gRPC server did not finish stopping within %.0f s of its grace period",
+                STOP_MARGIN,
+            )

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,16 +19,37 @@ _reports: list[str] = []
 def _awaiting(task: asyncio.Task[object]) -> str:
     """The task's chain of coroutines, each at the line where it waits, the innermost last."""
     links, awaited = [], task.get_coro()
-    while awaited is not None and len(links) < 12:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+    last_frame: Any = None
+    while awaited is not None and len(links) < 24:
+        frame = (
+            getattr(awaited, "cr_frame", None)
+            or getattr(awaited, "ag_frame", None)
+            or getattr(awaited, "gi_frame", None)
+        )
         if frame is None:
+            # An async generator's asend/athrow hides the generator: it is the one running among
+            # the locals of the frame that awaits it (pytest-asyncio's fixture finalizer), or the
+            # `gen` of one of them (an asynccontextmanager's __aexit__).
+            near = list(last_frame.f_locals.values()) if last_frame is not None else []
+            running = [
+                value
+                for value in [*near, *(getattr(v, "gen", None) for v in near)]
+                if getattr(value, "ag_running", False)
+            ]
+            if running:
+                awaited = running[0]
+                continue
             links.append(type(awaited).__name__)
             break
-        links.append(
-            f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+        last_frame = frame
+        code = frame.f_code
+        links.append(f"{code.co_name} ({Path(code.co_filename).name}:{frame.f_lineno})")
+        awaited = (
+            getattr(awaited, "cr_await", None)
+            or getattr(awaited, "ag_await", None)
+            or getattr(awaited, "gi_yieldfrom", None)
         )
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
-    return " > ".join(links[-5:])
+    return " > ".join(links[-8:])
 
 
 def _waiting(nodeid: str, after: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -115,6 +116,65 @@ async def test_group_commit_off_writes_one_by_one() -> None:
     async with GroupCommit(write, max_size=1) as commit:
         results = await asyncio.gather(*(commit.submit([i]) for i in range(20)))
     assert results == [[i] for i in range(20)] and set(batches) == {1}
+
+
+async def _deaf_to_one_cancellation(seconds: float) -> None:
+    """Sleep, letting one cancellation pass unseen: on 3.11 asyncio.wait_for (inside the MongoDB
+    driver) can swallow one that lands as its wait ends."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        await asyncio.sleep(seconds)
+
+
+async def _stops(exit_call: Any) -> bool:
+    """Whether an exit finishes (within 5 s), awaited from a task of its own so that giving up
+    on it cannot be swallowed with it."""
+    closing = asyncio.create_task(exit_call)
+    done, _ = await asyncio.wait({closing}, timeout=5)
+    if not done:
+        closing.cancel()
+    return bool(done)
+
+
+async def test_group_commit_stops_even_if_its_write_loses_the_cancellation() -> None:
+    writing = asyncio.Event()
+
+    async def write(items: Sequence[int]) -> list[int]:
+        writing.set()
+        await _deaf_to_one_cancellation(0.2)
+        return list(items)
+
+    commit: GroupCommit[int, int] = GroupCommit(write)
+    await commit.__aenter__()
+    commit.drain_timeout = 0.01  # the exit cancels the write in flight
+    sender = asyncio.create_task(commit.submit([1]))
+    await writing.wait()
+    assert await _stops(commit.__aexit__(None, None, None)), "the group commit never stopped"
+    assert await sender == [1]
+
+
+async def test_the_core_stops_even_if_an_unread_count_read_loses_the_cancellation() -> None:
+    store = MemoryStore()
+    reading = asyncio.Event()
+    original = store.unread_count
+
+    async def deaf(user: str) -> int:
+        reading.set()
+        await _deaf_to_one_cancellation(0.2)
+        return await original(user)
+
+    core = NodeCore(store, node_id="n1", heartbeat_interval=5)
+    await core.__aenter__()
+    reader = Reader(core.subscribe("bob", None, None))
+    await reader.until(replayed)
+    store.unread_count = deaf  # type: ignore[method-assign]
+    # A broadcast to a user whose count the node has not sent yet makes it read one.
+    core._unread.forget("bob")
+    await core.publish([Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)])
+    await reading.wait()
+    await reader.stop()
+    assert await _stops(core.__aexit__(None, None, None)), "the core never stopped"
 
 
 async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_delivered() -> None:

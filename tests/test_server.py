@@ -3,6 +3,8 @@ policy entry, methods without one are closed, health stays open, errors become s
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import grpc
@@ -10,6 +12,7 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pigeon import server as server_module
 from pigeon.errors import InvalidArgument, Unauthenticated
 from pigeon.server import GrpcServer, Principal, Service, current_principal
 from pigeon.v1 import node_pb2, node_pb2_grpc
@@ -112,3 +115,24 @@ async def test_a_service_added_by_generic_handler_alone_is_guarded_too() -> None
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await call(b"hi", timeout=5)
         assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_server_whose_stop_never_finishes_is_left_after_the_margin(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc's stop waits without a bound for the core's shutdown; stand in for one that never comes.
+    monkeypatch.setattr(server_module, "STOP_MARGIN", 0.3)
+    service = Service(
+        "pigeon.v1.Node", lambda s: node_pb2_grpc.add_NodeServicer_to_server(_Node(), s)
+    )
+    async with GrpcServer([service], auth={"/pigeon.v1.Node/": _user}, grace=0.1) as server:
+        real_stop = server._server.stop  # type: ignore[union-attr]
+
+        async def never(grace: float | None) -> None:
+            await real_stop(grace)
+            await asyncio.Event().wait()
+
+        monkeypatch.setattr(server._server, "stop", never)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert "did not finish stopping" in caplog.text
