@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -396,33 +397,48 @@ async def test_unreachable_server_fails_fast_with_store_error() -> None:
     assert time.monotonic() - started < 5
 
 
-async def test_server_that_stops_answering_gives_store_error_within_the_timeout(
-    mongo_uri: str, database: str, admin: AsyncMongoClient[dict[str, Any]]
-) -> None:
+@asynccontextmanager
+async def _stalling(
+    admin: AsyncMongoClient[dict[str, Any]], app: str, commands: list[str], ms: int
+) -> AsyncIterator[None]:
+    """The server holds the given commands of client `app` for `ms` before answering."""
+    await admin.admin.command(
+        {
+            "configureFailPoint": "failCommand",
+            "mode": "alwaysOn",
+            "data": {
+                "failCommands": commands,
+                "blockConnection": True,
+                "blockTimeMS": ms,
+                "appName": app,
+            },
+        }
+    )
+    try:
+        yield
+    finally:
+        await admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+async def _named_store(mongo_uri: str, database: str) -> tuple[MongoStore, str]:
+    """An opened store with a 0.5 s timeout whose client carries an app name of its own."""
     app = f"pigeon-stall-{uuid.uuid4().hex[:8]}"
     store = MongoStore(with_params(mongo_uri, appName=app), database, timeout_ms=500)
     await store.open()
+    return store, app
+
+
+async def test_server_that_stops_answering_gives_store_error_within_the_timeout(
+    mongo_uri: str, database: str, admin: AsyncMongoClient[dict[str, Any]]
+) -> None:
+    store, app = await _named_store(mongo_uri, database)
     try:
-        await admin.admin.command(
-            {
-                "configureFailPoint": "failCommand",
-                "mode": "alwaysOn",
-                "data": {
-                    "failCommands": ["find", "insert"],
-                    "blockConnection": True,
-                    "blockTimeMS": 3000,
-                    "appName": app,
-                },
-            }
-        )
-        try:
+        async with _stalling(admin, app, ["find", "insert"], 3000):
             for call in (store.heads("bob"), store.append([msg()])):
                 started = time.monotonic()
                 with pytest.raises(StoreError):
                     await call
                 assert time.monotonic() - started < 2
-        finally:
-            await admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     finally:
         await store.close()
 
@@ -430,30 +446,14 @@ async def test_server_that_stops_answering_gives_store_error_within_the_timeout(
 async def test_close_does_not_wait_on_a_server_that_stops_answering(
     mongo_uri: str, database: str, admin: AsyncMongoClient[dict[str, Any]]
 ) -> None:
-    app = f"pigeon-stall-{uuid.uuid4().hex[:8]}"
-    store = MongoStore(with_params(mongo_uri, appName=app), database, timeout_ms=500)
-    await store.open()
+    store, app = await _named_store(mongo_uri, database)
     await store.heads("bob")  # leaves a server session for the close to end
-    await admin.admin.command(
-        {
-            "configureFailPoint": "failCommand",
-            "mode": "alwaysOn",
-            "data": {
-                "failCommands": ["endSessions"],
-                "blockConnection": True,
-                "blockTimeMS": 4000,
-                "appName": app,
-            },
-        }
-    )
-    try:
+    async with _stalling(admin, app, ["endSessions"], 4000):
         started = time.monotonic()
         await store.close()
         assert time.monotonic() - started < 2.5
         with pytest.raises(StoreError, match="not open"):
             await store.heads("bob")
-    finally:
-        await admin.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
 
 
 async def test_standalone_server_is_refused_with_a_reason(tmp_path: Path) -> None:
