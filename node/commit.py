@@ -25,6 +25,26 @@ BATCH_SIZE = Histogram(
     "Messages written per store transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
+WRITE_SECONDS = Histogram(
+    "pigeon_node_commit_seconds",
+    "Time one group-commit store transaction takes (durable, then handed to the streams)",
+    buckets=(
+        0.0005,
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        1.0,
+    ),
+)
 
 
 class GroupCommit(Generic[T, R]):
@@ -128,7 +148,8 @@ class GroupCommit(Generic[T, R]):
                 BATCH_SIZE.observe(len(batch))
                 self._busy = True
                 try:
-                    results = list(await self._write(batch))
+                    with WRITE_SECONDS.time():
+                        results = list(await self._write(batch))
                 except asyncio.CancelledError:
                     # Stopped mid-write: the callers must not wait for ever; the write may or
                     # may not have committed, which their retry (idempotency key) settles.

@@ -1064,3 +1064,22 @@ def test_schemathesis_finds_no_server_error_and_no_response_off_the_schema(
                 run.kill()
                 run.wait()
     assert time.monotonic() - started < 60
+
+
+async def test_metrics_show_each_store_commit_and_its_duration(rest: Rest) -> None:
+    nodes = rest.cluster.nodes
+
+    async def total(name: str) -> float:
+        return sum([await metric(node, name) for node in nodes])
+
+    stored = await total("pigeon_node_messages_stored_total")
+    commits = await total("pigeon_node_commit_seconds_count")
+    seconds = await total("pigeon_node_commit_seconds_sum")
+    await rest.publish(["gil", "hal"], "one")
+    await rest.publish(["gil"], "two")
+    assert await total("pigeon_node_messages_stored_total") == stored + 2
+    # Each publish waited for its own commit (nothing else was writing).
+    assert await total("pigeon_node_commit_seconds_count") == commits + 2
+    assert await total("pigeon_node_commit_seconds_sum") > seconds
+    # The buckets a dashboard plots: every commit falls in +Inf.
+    assert await total('pigeon_node_commit_seconds_bucket{le="+Inf"}') == commits + 2
