@@ -30,11 +30,13 @@ import functools
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from json.encoder import encode_basestring as _json_string
 from typing import Any, Final, TypeVar
 
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Stored, StoreError
+from pigeon.runtime import cancel_and_wait
 
 __all__ = ["SqliteStore"]
 
@@ -209,9 +211,7 @@ class SqliteStore:
         # jobs below queue behind them on the same one-worker executors.
         self._writer = self._reader = self._checkpointer = None
         if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checkpoint_task
+            await cancel_and_wait(self._checkpoint_task)
             self._checkpoint_task = None
         loop = asyncio.get_running_loop()
         try:
@@ -242,7 +242,7 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._wal(conn)
             if str(mode).lower() != "wal":
                 # An in-memory or otherwise WAL-less database would give the reader connection
                 # a different (or a blocked) view of the data.
@@ -282,6 +282,20 @@ class SqliteStore:
             conn.close()
             raise
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> str:
+        """Switch the file to WAL; returns the journal mode it has then."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                # Two processes (nodes) switching a new file at once: SQLite answers the second
+                # BUSY at once, without its busy handler (waiting there could deadlock), so it
+                # waits its turn here.
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _open_reader(self) -> sqlite3.Connection:
         conn = self._connect()
