@@ -28,6 +28,7 @@ import grpc.aio
 
 from bench.workers import Control
 from pigeon.auth import SessionTokens, mint_user_token
+from pigeon.runtime import cancel_and_wait
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["ROLES", "Channels", "Creds"]
@@ -1048,9 +1049,7 @@ async def soak_send(ctl: Control, p: dict[str, Any]) -> dict[str, Any]:
         }
     finally:
         if load is not None and not load.done():
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await load
+            await cancel_and_wait(load)
         await channels.close()
 
 

@@ -169,6 +169,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, index: int) -> Non
 
 async def _serve(conn: multiprocessing.connection.Connection) -> None:
     from bench.roles import ROLES
+    from pigeon.runtime import cancel_and_wait
 
     loop = asyncio.get_running_loop()
     task: asyncio.Task[None] | None = None
@@ -192,9 +193,7 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
         op = message["op"]
         if op in ("exit", "abort"):
             if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)
             task = None
             if op == "exit":
                 return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +12,7 @@ from prometheus_client import Counter
 
 from dispatcher.routing import NodeLink, Router
 from pigeon.errors import InvalidArgument
+from pigeon.runtime import cancel_and_wait
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 __all__ = ["DispatcherServicer"]
@@ -59,9 +59,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
                     break
                 yield reply
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait(reader)
             self._router.detach(link)
             reason = "fell behind" if link.overflowed else "left"
             log.info("node %s %s", link.node_id, reason)

@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 from prometheus_client import Histogram
 
 from node.store.base import StoreError
+from pigeon.runtime import cancel_and_wait
 
 __all__ = ["GroupCommit"]
 
@@ -109,9 +110,7 @@ class GroupCommit(Generic[T, R]):
             # ends, and the writer would go back to waiting for work that never comes.
             self._closing = True
             self._wake.set()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def submit(self, items: Sequence[T]) -> list[R]:

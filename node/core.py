@@ -29,6 +29,7 @@ from node.validate import (
     encode_page_token,
 )
 from pigeon.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from pigeon.runtime import cancel_and_wait
 from pigeon.v1 import dispatcher_pb2, node_pb2, types_pb2
 
 __all__ = ["NoRelay", "NodeCore", "Relay"]
@@ -113,9 +114,7 @@ class _Unread:
             # (inside the MongoDB driver) can swallow one that lands as its wait ends.
             self._stopping = True
             self._wake.set()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def mark(self, user_id: str) -> None:
         if self._pool.holds(user_id):

@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 from prometheus_client import Counter
 
+from pigeon.runtime import cancel_and_wait
 from pigeon.service import ChannelCache
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
 
@@ -274,12 +275,10 @@ class DispatcherRelay:
     ) -> None:
         self._closing = True
         tasks = [*self._tasks, *(link.task for link in self._links.values() if link.task)]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._channels.close()
+        try:
+            await cancel_and_wait(*tasks)
+        finally:
+            await self._channels.close()
 
     # The Relay protocol (called by the node core).
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
@@ -23,6 +22,8 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+from pigeon.runtime import cancel_and_wait
 
 if TYPE_CHECKING:
     # The client commands import the SDK when they run: `pigeon up` and `--help` stay fast.
@@ -467,10 +468,7 @@ async def _listen(args: argparse.Namespace) -> int:
             )
         finally:
             stopper.cancel()
-            if not reader.done():
-                reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait(reader)
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pigeon.config import CommonConfig
 from pigeon.registry import PrefixWatch, Registration
+from pigeon.runtime import cancel_and_wait
 from pigeon.v1 import types_pb2
 
 __all__ = [
@@ -148,6 +149,4 @@ async def registered(
         try:
             yield registration
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)

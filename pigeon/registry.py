@@ -30,6 +30,8 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
 
+from pigeon.runtime import cancel_and_wait
+
 __all__ = ["PrefixWatch", "Registration", "RegistryUnavailableError"]
 
 logger = logging.getLogger("pigeon.registry")
@@ -131,9 +133,7 @@ def _describe(exc: BaseException) -> str:
 async def _cancel(task: asyncio.Task[None] | None) -> None:
     if task is None or task.done():
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 class Registration:

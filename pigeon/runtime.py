@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 __all__ = [
+    "cancel_and_wait",
     "configure_logging",
     "freeze_heap",
     "rescan_heap",
@@ -35,6 +36,26 @@ class _JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel the tasks and wait until each has ended (None is skipped; a task that had failed
+    raises its exception here).
+
+    A task's own CancelledError ends here. The caller's does not: with a bare
+    ``suppress(CancelledError)`` around the wait, a caller cancelled while it waits would swallow
+    that too and go on as if nothing had happened.
+    """
+    running = [task for task in tasks if task is not None]
+    for task in running:
+        task.cancel()
+    for task in running:
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:

@@ -3,11 +3,14 @@ test run's own collector is left alone)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
 import pytest
+
+from pigeon.runtime import cancel_and_wait
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +51,54 @@ def test_survivors_of_full_collections_are_set_aside_and_looked_at_again() -> No
     assert found_frozen == 0
     assert found_after_rescan >= 2  # the list and the list inside it
     assert refrozen
+
+
+async def _slow_to_stop(stopped: asyncio.Event) -> None:
+    """A task that takes a while to wind down once cancelled (as a writer finishing a batch)."""
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.2)
+        stopped.set()
+        raise
+
+
+async def test_cancel_and_wait_ends_the_tasks_and_keeps_their_cancellation() -> None:
+    stopped = asyncio.Event()
+    tasks = [asyncio.create_task(_slow_to_stop(stopped)), asyncio.create_task(asyncio.sleep(60))]
+    await asyncio.sleep(0)
+    async with asyncio.timeout(5):
+        await cancel_and_wait(None, *tasks)
+    assert stopped.is_set()
+    assert all(task.cancelled() for task in tasks)
+
+
+async def test_a_caller_cancelled_while_it_waits_stays_cancelled() -> None:
+    stopped = asyncio.Event()
+    went_on = False
+
+    async def stop_it(task: asyncio.Task[None]) -> None:
+        nonlocal went_on
+        await cancel_and_wait(task)
+        went_on = True  # only if the caller's own cancellation was swallowed
+
+    inner = asyncio.create_task(_slow_to_stop(stopped))
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(stop_it(inner))
+    await asyncio.sleep(0.05)  # the caller is waiting for inner to wind down
+    caller.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait([inner])
+    assert caller.cancelled() and not went_on
+
+
+async def test_cancel_and_wait_raises_what_a_failed_task_raised() -> None:
+    async def fail() -> None:
+        raise ValueError("broken")
+
+    task = asyncio.create_task(fail())
+    await asyncio.sleep(0)
+    with pytest.raises(ValueError, match="broken"):
+        await cancel_and_wait(task)
