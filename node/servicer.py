@@ -48,9 +48,11 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         self, request: node_pb2.NodePublishRequest, context: Context
     ) -> node_pb2.NodePublishResponse:
         stored = await self._core.publish(messages_of(self._core.limits, request))
-        return node_pb2.NodePublishResponse(
+        reply = node_pb2.NodePublishResponse(
             message_id=stored[0].id, message_ids=[s.id for s in stored]
         )
+        reply.created_at.FromNanoseconds(stored[0].created_at_ns)
+        return reply
 
     async def ListMessages(
         self, request: node_pb2.ListMessagesRequest, context: Context

@@ -643,6 +643,19 @@ async def test_gate_publish_and_list_nodes_take_an_api_key(rest: Rest) -> None:
     assert len(await rest.publish(["ann"], "hello ann")) == 1
 
 
+async def test_a_publish_answers_when_the_message_was_stored(rest: Rest) -> None:
+    reply = await rest.gate.post(
+        "/v1/publish", json={"to": ["dee"], "body": "stamped"}, headers=rest.api_key
+    )
+    assert reply.status_code == 200, reply.text
+    answered = reply.json()
+    dee = await rest.user("dee")
+    (stored,) = (await dee.node.get("/v1/messages")).json()["messages"]
+    assert stored["id"] == answered["messageId"]
+    # The same instant the inbox shows, as Send answers it.
+    assert answered["createdAt"] == stored["createdAt"]
+
+
 async def test_the_inbox_over_rest(rest: Rest) -> None:
     bo = await rest.user("bo")
     sent = await bo.node.post("/v1/messages", json={"to": ["cy"], "title": "t", "body": "hi cy"})

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from pigeon.v1 import types_pb2 as pigeon_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pigeon/v1/node.proto\x12\tpigeon.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15pigeon/v1/types.proto\"r\n\x10SubscribeRequest\x12\x16\n\tsince_seq\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13since_broadcast_seq\x18\x02 \x01(\x04H\x01\x88\x01\x01\x42\x0c\n\n_since_seqB\x16\n\x14_since_broadcast_seq\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12.\n\x0bretry_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1e\n\nReplayDone\x12\x10\n\x08replayed\x18\x01 \x01(\x04\"b\n\x07Welcome\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xab\x02\n\x11SubscribeResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.pigeon.v1.Message\x12\x19\n\x0cunread_count\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\'\n\theartbeat\x18\x03 \x01(\x0b\x32\x14.pigeon.v1.Heartbeat\x12*\n\x0breplay_done\x18\x04 \x01(\x0b\x32\x15.pigeon.v1.ReplayDone\x12\'\n\treconnect\x18\x05 \x01(\x0b\x32\x14.pigeon.v1.Reconnect\x12!\n\x06\x63ursor\x18\x06 \x01(\x0b\x32\x11.pigeon.v1.Cursor\x12#\n\x07welcome\x18\x07 \x01(\x0b\x32\x12.pigeon.v1.WelcomeB\x0f\n\r_unread_count\"\xd9\x01\n\x0bSendRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.pigeon.v1.SendRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x1f\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32\x10.pigeon.v1.Draft\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x02\n\x12NodePublishRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\x11\n\tbroadcast\x18\x02 \x01(\x08\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12=\n\x08metadata\x18\x05 \x03(\x0b\x32+.pigeon.v1.NodePublishRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12%\n\x05\x62\x61tch\x18\x08 \x03(\x0b\x32\x16.pigeon.v1.Publication\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x13NodePublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\"\x9e\x01\n\x13ListMessagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x0bread_filter\x18\x03 \x01(\x0e\x32\x15.pigeon.v1.ReadFilter\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.pigeon.v1.MessageKind\"U\n\x14ListMessagesResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.pigeon.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"9\n\x12GetMessageResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.pigeon.v1.Message\"c\n\x0fMarkReadRequest\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x11\n\tup_to_seq\x18\x02 \x01(\x04\x12\x1b\n\x13up_to_broadcast_seq\x18\x03 \x01(\x04\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"(\n\x10MarkReadResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04\"*\n\x14\x44\x65leteMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"-\n\x15\x44\x65leteMessageResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04\"\x17\n\x15GetUnreadCountRequest\".\n\x16GetUnreadCountResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04*W\n\nReadFilter\x12\x1b\n\x17READ_FILTER_UNSPECIFIED\x10\x00\x12\x16\n\x12READ_FILTER_UNREAD\x10\x01\x12\x14\n\x10READ_FILTER_READ\x10\x02\x32\xb2\x06\n\x04Node\x12\\\n\tSubscribe\x12\x1b.pigeon.v1.SubscribeRequest\x1a\x1c.pigeon.v1.SubscribeResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/stream0\x01\x12P\n\x04Send\x12\x16.pigeon.v1.SendRequest\x1a\x17.pigeon.v1.SendResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/messages:\x01*\x12`\n\x07Publish\x12\x1d.pigeon.v1.NodePublishRequest\x1a\x1e.pigeon.v1.NodePublishResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/publish:\x01*\x12\x65\n\x0cListMessages\x12\x1e.pigeon.v1.ListMessagesRequest\x1a\x1f.pigeon.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/messages\x12l\n\nGetMessage\x12\x1c.pigeon.v1.GetMessageRequest\x1a\x1d.pigeon.v1.GetMessageResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/messages/{message_id}\x12\x61\n\x08MarkRead\x12\x1a.pigeon.v1.MarkReadRequest\x1a\x1b.pigeon.v1.MarkReadResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/messages:read:\x01*\x12u\n\rDeleteMessage\x12\x1f.pigeon.v1.DeleteMessageRequest\x1a .pigeon.v1.DeleteMessageResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/messages/{message_id}\x12i\n\x0eGetUnreadCount\x12 .pigeon.v1.GetUnreadCountRequest\x1a!.pigeon.v1.GetUnreadCountResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/unreadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pigeon/v1/node.proto\x12\tpigeon.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15pigeon/v1/types.proto\"r\n\x10SubscribeRequest\x12\x16\n\tsince_seq\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12 \n\x13since_broadcast_seq\x18\x02 \x01(\x04H\x01\x88\x01\x01\x42\x0c\n\n_since_seqB\x16\n\x14_since_broadcast_seq\"8\n\tHeartbeat\x12+\n\x07sent_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\tReconnect\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12.\n\x0bretry_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1e\n\nReplayDone\x12\x10\n\x08replayed\x18\x01 \x01(\x04\"b\n\x07Welcome\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xab\x02\n\x11SubscribeResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.pigeon.v1.Message\x12\x19\n\x0cunread_count\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\'\n\theartbeat\x18\x03 \x01(\x0b\x32\x14.pigeon.v1.Heartbeat\x12*\n\x0breplay_done\x18\x04 \x01(\x0b\x32\x15.pigeon.v1.ReplayDone\x12\'\n\treconnect\x18\x05 \x01(\x0b\x32\x14.pigeon.v1.Reconnect\x12!\n\x06\x63ursor\x18\x06 \x01(\x0b\x32\x11.pigeon.v1.Cursor\x12#\n\x07welcome\x18\x07 \x01(\x0b\x32\x12.pigeon.v1.WelcomeB\x0f\n\r_unread_count\"\xd9\x01\n\x0bSendRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x36\n\x08metadata\x18\x04 \x03(\x0b\x32$.pigeon.v1.SendRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x1f\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32\x10.pigeon.v1.Draft\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x02\n\x12NodePublishRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\x11\n\tbroadcast\x18\x02 \x01(\x08\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\t\x12=\n\x08metadata\x18\x05 \x03(\x0b\x32+.pigeon.v1.NodePublishRequest.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12%\n\x05\x62\x61tch\x18\x08 \x03(\x0b\x32\x16.pigeon.v1.Publication\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x13NodePublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x02 \x03(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9e\x01\n\x13ListMessagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x0bread_filter\x18\x03 \x01(\x0e\x32\x15.pigeon.v1.ReadFilter\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12$\n\x04kind\x18\x05 \x01(\x0e\x32\x16.pigeon.v1.MessageKind\"U\n\x14ListMessagesResponse\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.pigeon.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"9\n\x12GetMessageResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.pigeon.v1.Message\"c\n\x0fMarkReadRequest\x12\x13\n\x0bmessage_ids\x18\x01 \x03(\t\x12\x11\n\tup_to_seq\x18\x02 \x01(\x04\x12\x1b\n\x13up_to_broadcast_seq\x18\x03 \x01(\x04\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"(\n\x10MarkReadResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04\"*\n\x14\x44\x65leteMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"-\n\x15\x44\x65leteMessageResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04\"\x17\n\x15GetUnreadCountRequest\".\n\x16GetUnreadCountResponse\x12\x14\n\x0cunread_count\x18\x01 \x01(\x04*W\n\nReadFilter\x12\x1b\n\x17READ_FILTER_UNSPECIFIED\x10\x00\x12\x16\n\x12READ_FILTER_UNREAD\x10\x01\x12\x14\n\x10READ_FILTER_READ\x10\x02\x32\xb2\x06\n\x04Node\x12\\\n\tSubscribe\x12\x1b.pigeon.v1.SubscribeRequest\x1a\x1c.pigeon.v1.SubscribeResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/stream0\x01\x12P\n\x04Send\x12\x16.pigeon.v1.SendRequest\x1a\x17.pigeon.v1.SendResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/messages:\x01*\x12`\n\x07Publish\x12\x1d.pigeon.v1.NodePublishRequest\x1a\x1e.pigeon.v1.NodePublishResponse\"\x16\x82\xd3\xe4\x93\x02\x10\"\x0b/v1/publish:\x01*\x12\x65\n\x0cListMessages\x12\x1e.pigeon.v1.ListMessagesRequest\x1a\x1f.pigeon.v1.ListMessagesResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/messages\x12l\n\nGetMessage\x12\x1c.pigeon.v1.GetMessageRequest\x1a\x1d.pigeon.v1.GetMessageResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/messages/{message_id}\x12\x61\n\x08MarkRead\x12\x1a.pigeon.v1.MarkReadRequest\x1a\x1b.pigeon.v1.MarkReadResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/messages:read:\x01*\x12u\n\rDeleteMessage\x12\x1f.pigeon.v1.DeleteMessageRequest\x1a .pigeon.v1.DeleteMessageResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/messages/{message_id}\x12i\n\x0eGetUnreadCount\x12 .pigeon.v1.GetUnreadCountRequest\x1a!.pigeon.v1.GetUnreadCountResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/unreadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,8 +55,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE'].methods_by_name['DeleteMessage']._serialized_options = b'\202\323\344\223\002\033*\031/v1/messages/{message_id}'
   _globals['_NODE'].methods_by_name['GetUnreadCount']._loaded_options = None
   _globals['_NODE'].methods_by_name['GetUnreadCount']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/unread'
-  _globals['_READFILTER']._serialized_start=2157
-  _globals['_READFILTER']._serialized_end=2244
+  _globals['_READFILTER']._serialized_start=2205
+  _globals['_READFILTER']._serialized_end=2292
   _globals['_SUBSCRIBEREQUEST']._serialized_start=153
   _globals['_SUBSCRIBEREQUEST']._serialized_end=267
   _globals['_HEARTBEAT']._serialized_start=269
@@ -80,27 +80,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEPUBLISHREQUEST_METADATAENTRY']._serialized_start=1009
   _globals['_NODEPUBLISHREQUEST_METADATAENTRY']._serialized_end=1056
   _globals['_NODEPUBLISHRESPONSE']._serialized_start=1438
-  _globals['_NODEPUBLISHRESPONSE']._serialized_end=1500
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1503
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1661
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1663
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1748
-  _globals['_GETMESSAGEREQUEST']._serialized_start=1750
-  _globals['_GETMESSAGEREQUEST']._serialized_end=1789
-  _globals['_GETMESSAGERESPONSE']._serialized_start=1791
-  _globals['_GETMESSAGERESPONSE']._serialized_end=1848
-  _globals['_MARKREADREQUEST']._serialized_start=1850
-  _globals['_MARKREADREQUEST']._serialized_end=1949
-  _globals['_MARKREADRESPONSE']._serialized_start=1951
-  _globals['_MARKREADRESPONSE']._serialized_end=1991
-  _globals['_DELETEMESSAGEREQUEST']._serialized_start=1993
-  _globals['_DELETEMESSAGEREQUEST']._serialized_end=2035
-  _globals['_DELETEMESSAGERESPONSE']._serialized_start=2037
-  _globals['_DELETEMESSAGERESPONSE']._serialized_end=2082
-  _globals['_GETUNREADCOUNTREQUEST']._serialized_start=2084
-  _globals['_GETUNREADCOUNTREQUEST']._serialized_end=2107
-  _globals['_GETUNREADCOUNTRESPONSE']._serialized_start=2109
-  _globals['_GETUNREADCOUNTRESPONSE']._serialized_end=2155
-  _globals['_NODE']._serialized_start=2247
-  _globals['_NODE']._serialized_end=3065
+  _globals['_NODEPUBLISHRESPONSE']._serialized_end=1548
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1551
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1709
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1711
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1796
+  _globals['_GETMESSAGEREQUEST']._serialized_start=1798
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1837
+  _globals['_GETMESSAGERESPONSE']._serialized_start=1839
+  _globals['_GETMESSAGERESPONSE']._serialized_end=1896
+  _globals['_MARKREADREQUEST']._serialized_start=1898
+  _globals['_MARKREADREQUEST']._serialized_end=1997
+  _globals['_MARKREADRESPONSE']._serialized_start=1999
+  _globals['_MARKREADRESPONSE']._serialized_end=2039
+  _globals['_DELETEMESSAGEREQUEST']._serialized_start=2041
+  _globals['_DELETEMESSAGEREQUEST']._serialized_end=2083
+  _globals['_DELETEMESSAGERESPONSE']._serialized_start=2085
+  _globals['_DELETEMESSAGERESPONSE']._serialized_end=2130
+  _globals['_GETUNREADCOUNTREQUEST']._serialized_start=2132
+  _globals['_GETUNREADCOUNTREQUEST']._serialized_end=2155
+  _globals['_GETUNREADCOUNTRESPONSE']._serialized_start=2157
+  _globals['_GETUNREADCOUNTRESPONSE']._serialized_end=2203
+  _globals['_NODE']._serialized_start=2295
+  _globals['_NODE']._serialized_end=3113
 # @@protoc_insertion_point(module_scope)
