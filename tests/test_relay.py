@@ -301,42 +301,57 @@ async def test_a_dispatcher_that_does_not_take_envelopes_on_the_stream_gets_publ
             assert _received("stream") == by_stream
 
 
+async def _two_cores(
+    stack: contextlib.AsyncExitStack, path: Path, view: dict[str, types_pb2.DispatcherInfo]
+) -> list[NodeCore]:
+    """Nodes a and b on one SQLite file, relaying through the dispatchers of view."""
+    cores = []
+    for node_id in "ab":
+        store = SqliteStore(str(path))
+        await store.open()
+        stack.push_async_callback(store.close)
+        core = await stack.enter_async_context(NodeCore(store, node_id=node_id))
+        core.relay = await stack.enter_async_context(
+            DispatcherRelay(
+                node_id=node_id,
+                cluster_secret="secret",
+                dispatchers=lambda: view,
+                users=core.pool.users,
+                deliver=core.receive,
+                resync=core.resync,
+                report_interval=0.01,
+                check_interval=0.05,
+            )
+        )
+        assert await core.relay.wait_connected(5)
+        cores.append(core)
+    return cores
+
+
+async def _listening(
+    stack: contextlib.AsyncExitStack, core: NodeCore, user: str
+) -> list[node_pb2.SubscribeResponse]:
+    """A stream of user's on core, live (no replay), once the dispatchers route to it."""
+    events: list[node_pb2.SubscribeResponse] = []
+
+    async def read() -> None:
+        async for event in core.subscribe(user, None, None):
+            events.append(event)
+
+    reader = asyncio.create_task(read())
+    stack.push_async_callback(_cancelled, reader)
+    await wait_until(lambda: any(e.HasField("replay_done") for e in events), 5, "the replay")
+    await core.relay.routes_ready()
+    return events
+
+
 async def test_what_a_dispatcher_acknowledged_and_lost_reaches_the_user_when_its_stream_ends(
     tmp_path: Path,
 ) -> None:
     losing = _LosingRouter()
-    stores = [SqliteStore(str(tmp_path / "pigeon.db")) for _ in range(2)]
     async with contextlib.AsyncExitStack() as stack, _serving({"d1": losing}) as (servers, view):
-        cores = []
-        for node_id, store in zip("ab", stores, strict=True):
-            await store.open()
-            stack.push_async_callback(store.close)
-            core = await stack.enter_async_context(NodeCore(store, node_id=node_id))
-            core.relay = await stack.enter_async_context(
-                DispatcherRelay(
-                    node_id=node_id,
-                    cluster_secret="secret",
-                    dispatchers=lambda: view,
-                    users=core.pool.users,
-                    deliver=core.receive,
-                    resync=core.resync,
-                    report_interval=0.01,
-                    check_interval=0.05,
-                )
-            )
-            assert await core.relay.wait_connected(5)
-            cores.append(core)
-        a, b = cores
-        events: list[node_pb2.SubscribeResponse] = []
-
-        async def read() -> None:
-            async for event in b.subscribe("ria", None, None):
-                events.append(event)
-
-        reader = asyncio.create_task(read())
-        stack.push_async_callback(_cancelled, reader)
-        await wait_until(lambda: any(e.HasField("replay_done") for e in events), 5, "the replay")
-        await b.relay.routes_ready()
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view)
+        events = await _listening(stack, b, "ria")
         [stored] = await a.send(
             "alice", [Outgoing(to=("ria",), title="", body="lost on the way", metadata={})]
         )
@@ -350,6 +365,33 @@ async def test_what_a_dispatcher_acknowledged_and_lost_reaches_the_user_when_its
             5,
             "the stored message to reach ria's stream",
         )
+
+
+async def test_a_node_stream_that_overflows_is_ended_and_its_users_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    # Five envelopes at most queued for a node: one Send of 40 to ria overflows b's queue at once.
+    router = Router(queue_limit=5)
+    overflows = REGISTRY.get_sample_value("pigeon_dispatcher_node_overflows_total") or 0.0
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": router}) as (_, view):
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view)
+        events = await _listening(stack, b, "ria")
+        sent = await a.send(
+            "alice",
+            [Outgoing(to=("ria",), title="", body=f"m{i}", metadata={}) for i in range(40)],
+        )
+        await wait_until(
+            lambda: len([m for e in events for m in e.messages]) >= 40,
+            10,
+            "every message to reach ria's stream",
+        )
+        assert REGISTRY.get_sample_value("pigeon_dispatcher_node_overflows_total") == overflows + 1
+        # b resubscribed, and ria's stream filled what the ended stream dropped from the store:
+        # every message once, in seq order.
+        got = [m for e in events for m in e.messages]
+        assert [m.id for m in got] == [s.id for s in sent]
+        assert [m.seq for m in got] == list(range(1, 41))
+        assert await b.relay.wait_connected(5)  # subscribed again
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
