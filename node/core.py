@@ -371,7 +371,14 @@ class NodeCore:
     def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         """Deliver envelopes relayed from other nodes to the local streams they concern."""
         for envelope in envelopes:
-            if envelope.broadcast:
+            if envelope.resync:
+                # The origin dropped envelopes: their messages are in the store.
+                if envelope.broadcast:
+                    self.resync()
+                else:
+                    for stream in self.pool.streams_of(envelope.recipient):
+                        stream.resync()
+            elif envelope.broadcast:
                 self._push_broadcast(envelope.message)
             elif envelope.HasField("message"):
                 unread = envelope.unread_count if envelope.HasField("unread_count") else None

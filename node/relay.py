@@ -42,6 +42,8 @@ DROPPED = Counter(
 )
 
 OUTBOX_LIMIT = 100_000
+# Recipients of dropped envelopes remembered for a resync hint; past this, every user gets one.
+HINT_LIMIT = 100_000
 PUBLISH_BATCH = 1024
 # Batches a stream may carry before the first of them is acknowledged.
 PUBLISH_WINDOW = 4
@@ -256,6 +258,8 @@ class DispatcherRelay:
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
         self._outbox_ready = asyncio.Event()
+        # Users whose envelopes were dropped (None: every user's), told once a dispatcher is back.
+        self._hints: dict[str, None] | None = {}
         self._connected_changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -284,16 +288,43 @@ class DispatcherRelay:
 
     def relay(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         if not self._dispatchers():
-            DROPPED.inc(len(envelopes))
+            self._dropped(envelopes)
             return
         self._outbox.extend(envelopes)
         if len(self._outbox) > OUTBOX_LIMIT:
             # Dispatchers unreachable for long: keep memory bounded (the messages are stored;
-            # streams resync when a dispatcher is back). The batch being sent stays.
+            # their recipients get a resync hint when a dispatcher is back). The batch being
+            # sent stays.
             excess = len(self._outbox) - OUTBOX_LIMIT
+            self._dropped(self._outbox[self._in_flight : self._in_flight + excess])
             del self._outbox[self._in_flight : self._in_flight + excess]
-            DROPPED.inc(excess)
         self._outbox_ready.set()
+
+    def _dropped(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
+        """Remember whose envelopes no dispatcher took. Their messages are stored; without a
+        hint the recipients' streams on other nodes would see them only with a later message or
+        a reconnect (their own dispatcher streams may never have broken)."""
+        DROPPED.inc(len(envelopes))
+        hints = self._hints
+        for envelope in envelopes:
+            if hints is None:
+                return
+            if envelope.broadcast or len(hints) >= HINT_LIMIT:
+                hints = None
+            elif envelope.HasField("message") or envelope.resync:
+                hints[envelope.recipient] = None
+        self._hints = hints
+
+    def _take_hints(self) -> list[dispatcher_pb2.Envelope]:
+        hints, self._hints = self._hints, {}
+        if hints is None:
+            return [
+                dispatcher_pb2.Envelope(broadcast=True, resync=True, origin_node_id=self._node_id)
+            ]
+        return [
+            dispatcher_pb2.Envelope(recipient=user, resync=True, origin_node_id=self._node_id)
+            for user in hints
+        ]
 
     def user_added(self, user_id: str) -> None:
         for link in self._links.values():
@@ -418,6 +449,8 @@ class DispatcherRelay:
             if not link.connected:
                 link.connected = True
                 self._connected_changed.set()
+                if self._hints != {}:
+                    self._outbox_ready.set()  # a dispatcher to take the resync hints
             if reply.publish_on_stream:
                 link.publishes = True
                 self._outbox_ready.set()
@@ -522,6 +555,9 @@ class DispatcherRelay:
         current: _Link | None = None
         while True:
             await self._outbox_ready.wait()
+            if self._hints != {} and self._dispatchers():
+                # Ahead of newer envelopes; nothing is in flight at the top of the loop.
+                self._outbox[:0] = self._take_hints()
             if not self._outbox:
                 self._outbox_ready.clear()
                 continue
@@ -595,6 +631,6 @@ class DispatcherRelay:
             self._outbox_ready.set()
 
     def _drop_in_flight(self, count: int) -> None:
-        DROPPED.inc(count)
+        self._dropped(self._outbox[:count])
         del self._outbox[:count]
         self._in_flight = 0

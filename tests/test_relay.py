@@ -302,11 +302,15 @@ async def test_a_dispatcher_that_does_not_take_envelopes_on_the_stream_gets_publ
 
 
 async def _two_cores(
-    stack: contextlib.AsyncExitStack, path: Path, view: dict[str, types_pb2.DispatcherInfo]
+    stack: contextlib.AsyncExitStack,
+    path: Path,
+    view: dict[str, types_pb2.DispatcherInfo],
+    a_view: dict[str, types_pb2.DispatcherInfo] | None = None,
 ) -> list[NodeCore]:
-    """Nodes a and b on one SQLite file, relaying through the dispatchers of view."""
+    """Nodes a and b on one SQLite file, relaying through the dispatchers of view (a through
+    those of a_view, if given)."""
     cores = []
-    for node_id in "ab":
+    for node_id, seen in (("a", view if a_view is None else a_view), ("b", view)):
         store = SqliteStore(str(path))
         await store.open()
         stack.push_async_callback(store.close)
@@ -315,7 +319,7 @@ async def _two_cores(
             DispatcherRelay(
                 node_id=node_id,
                 cluster_secret="secret",
-                dispatchers=lambda: view,
+                dispatchers=lambda seen=seen: seen,  # type: ignore[misc]
                 users=core.pool.users,
                 deliver=core.receive,
                 resync=core.resync,
@@ -392,6 +396,62 @@ async def test_a_node_stream_that_overflows_is_ended_and_its_users_lose_nothing(
         assert [m.id for m in got] == [s.id for s in sent]
         assert [m.seq for m in got] == list(range(1, 41))
         assert await b.relay.wait_connected(5)  # subscribed again
+
+
+async def test_what_a_node_dropped_with_no_dispatcher_reaches_the_user_once_one_is_back(
+    tmp_path: Path,
+) -> None:
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("pigeon_node_envelopes_dropped_total") or 0.0
+
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": Router()}) as (_, view):
+        seen_by_a: dict[str, types_pb2.DispatcherInfo] = {}  # a sees no dispatcher yet
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view, a_view=seen_by_a)
+        events = await _listening(stack, b, "ria")
+        before = dropped()
+        [stored] = await a.send(
+            "alice", [Outgoing(to=("ria",), title="", body="no dispatcher", metadata={})]
+        )
+        assert dropped() == before + 1
+        await asyncio.sleep(0.2)
+        assert not [m for e in events for m in e.messages]
+        # b's own dispatcher stream never broke, so only a can tell it.
+        seen_by_a.update(view)
+        await wait_until(
+            lambda: [m.id for e in events for m in e.messages] == [stored.id],
+            5,
+            "the stored message to reach ria's stream",
+        )
+
+
+async def test_a_dropped_broadcast_or_too_many_dropped_users_make_every_stream_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("node.relay.HINT_LIMIT", 1)
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": Router()}) as (_, view):
+        seen_by_a: dict[str, types_pb2.DispatcherInfo] = {}
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view, a_view=seen_by_a)
+        ria, sam = await _listening(stack, b, "ria"), await _listening(stack, b, "sam")
+        # Two users' envelopes dropped, one more than a remembers by name.
+        sent = await a.send(
+            "alice",
+            [
+                Outgoing(to=(user,), title="", body="dropped", metadata={})
+                for user in ("ria", "sam")
+            ],
+        )
+        [news] = await a.publish(
+            [Outgoing(to=(), title="", body="to all", metadata={}, broadcast=True)]
+        )
+        seen_by_a.update(view)
+        for events, stored in ((ria, sent[0]), (sam, sent[1])):
+            await wait_until(
+                lambda events=events, stored=stored: (
+                    {m.id for e in events for m in e.messages} == {stored.id, news.id}
+                ),
+                5,
+                "the dropped message and broadcast to reach the stream",
+            )
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pigeon.v1 import types_pb2 as pigeon_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apigeon/v1/dispatcher.proto\x12\tpigeon.v1\x1a\x15pigeon/v1/types.proto\"=\n\rRoutingReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"\xcc\x01\n\x1a\x44ispatcherSubscribeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06report\x18\x02 \x01(\x0b\x32\x18.pigeon.v1.RoutingReport\x12\x16\n\x0ereport_version\x18\x03 \x01(\x04\x12\x1e\n\x16\x61pplied_shared_version\x18\x04 \x01(\x04\x12&\n\tenvelopes\x18\x05 \x03(\x0b\x32\x13.pigeon.v1.Envelope\x12\x13\n\x0bpublish_seq\x18\x06 \x01(\x04\"L\n\x0bSharedUsers\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\x99\x01\n\x08\x45nvelope\x12\x11\n\trecipient\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.pigeon.v1.Message\x12\x19\n\x0cunread_count\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tbroadcast\x18\x04 \x01(\x08\x12\x16\n\x0eorigin_node_id\x18\x05 \x01(\tB\x0f\n\r_unread_count\"\xbf\x01\n\x1b\x44ispatcherSubscribeResponse\x12&\n\tenvelopes\x18\x01 \x03(\x0b\x32\x13.pigeon.v1.Envelope\x12\x1e\n\x16\x61pplied_report_version\x18\x02 \x01(\x04\x12&\n\x06shared\x18\x03 \x01(\x0b\x32\x16.pigeon.v1.SharedUsers\x12\x15\n\rpublished_seq\x18\x04 \x01(\x04\x12\x19\n\x11publish_on_stream\x18\x05 \x01(\x08\"B\n\x18\x44ispatcherPublishRequest\x12&\n\tenvelopes\x18\x01 \x03(\x0b\x32\x13.pigeon.v1.Envelope\"-\n\x19\x44ispatcherPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r2\xc2\x01\n\nDispatcher\x12^\n\tSubscribe\x12%.pigeon.v1.DispatcherSubscribeRequest\x1a&.pigeon.v1.DispatcherSubscribeResponse(\x01\x30\x01\x12T\n\x07Publish\x12#.pigeon.v1.DispatcherPublishRequest\x1a$.pigeon.v1.DispatcherPublishResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1apigeon/v1/dispatcher.proto\x12\tpigeon.v1\x1a\x15pigeon/v1/types.proto\"=\n\rRoutingReport\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\"\xcc\x01\n\x1a\x44ispatcherSubscribeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x06report\x18\x02 \x01(\x0b\x32\x18.pigeon.v1.RoutingReport\x12\x16\n\x0ereport_version\x18\x03 \x01(\x04\x12\x1e\n\x16\x61pplied_shared_version\x18\x04 \x01(\x04\x12&\n\tenvelopes\x18\x05 \x03(\x0b\x32\x13.pigeon.v1.Envelope\x12\x13\n\x0bpublish_seq\x18\x06 \x01(\x04\"L\n\x0bSharedUsers\x12\x0c\n\x04\x66ull\x18\x01 \x01(\x08\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x03(\t\x12\x0f\n\x07removed\x18\x03 \x03(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\"\xa9\x01\n\x08\x45nvelope\x12\x11\n\trecipient\x18\x01 \x01(\t\x12#\n\x07message\x18\x02 \x01(\x0b\x32\x12.pigeon.v1.Message\x12\x19\n\x0cunread_count\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\tbroadcast\x18\x04 \x01(\x08\x12\x16\n\x0eorigin_node_id\x18\x05 \x01(\t\x12\x0e\n\x06resync\x18\x06 \x01(\x08\x42\x0f\n\r_unread_count\"\xbf\x01\n\x1b\x44ispatcherSubscribeResponse\x12&\n\tenvelopes\x18\x01 \x03(\x0b\x32\x13.pigeon.v1.Envelope\x12\x1e\n\x16\x61pplied_report_version\x18\x02 \x01(\x04\x12&\n\x06shared\x18\x03 \x01(\x0b\x32\x16.pigeon.v1.SharedUsers\x12\x15\n\rpublished_seq\x18\x04 \x01(\x04\x12\x19\n\x11publish_on_stream\x18\x05 \x01(\x08\"B\n\x18\x44ispatcherPublishRequest\x12&\n\tenvelopes\x18\x01 \x03(\x0b\x32\x13.pigeon.v1.Envelope\"-\n\x19\x44ispatcherPublishResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r2\xc2\x01\n\nDispatcher\x12^\n\tSubscribe\x12%.pigeon.v1.DispatcherSubscribeRequest\x1a&.pigeon.v1.DispatcherSubscribeResponse(\x01\x30\x01\x12T\n\x07Publish\x12#.pigeon.v1.DispatcherPublishRequest\x1a$.pigeon.v1.DispatcherPublishResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHAREDUSERS']._serialized_start=334
   _globals['_SHAREDUSERS']._serialized_end=410
   _globals['_ENVELOPE']._serialized_start=413
-  _globals['_ENVELOPE']._serialized_end=566
-  _globals['_DISPATCHERSUBSCRIBERESPONSE']._serialized_start=569
-  _globals['_DISPATCHERSUBSCRIBERESPONSE']._serialized_end=760
-  _globals['_DISPATCHERPUBLISHREQUEST']._serialized_start=762
-  _globals['_DISPATCHERPUBLISHREQUEST']._serialized_end=828
-  _globals['_DISPATCHERPUBLISHRESPONSE']._serialized_start=830
-  _globals['_DISPATCHERPUBLISHRESPONSE']._serialized_end=875
-  _globals['_DISPATCHER']._serialized_start=878
-  _globals['_DISPATCHER']._serialized_end=1072
+  _globals['_ENVELOPE']._serialized_end=582
+  _globals['_DISPATCHERSUBSCRIBERESPONSE']._serialized_start=585
+  _globals['_DISPATCHERSUBSCRIBERESPONSE']._serialized_end=776
+  _globals['_DISPATCHERPUBLISHREQUEST']._serialized_start=778
+  _globals['_DISPATCHERPUBLISHREQUEST']._serialized_end=844
+  _globals['_DISPATCHERPUBLISHRESPONSE']._serialized_start=846
+  _globals['_DISPATCHERPUBLISHRESPONSE']._serialized_end=891
+  _globals['_DISPATCHER']._serialized_start=894
+  _globals['_DISPATCHER']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

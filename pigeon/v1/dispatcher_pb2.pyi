@@ -158,6 +158,7 @@ class Envelope(_message.Message):
     UNREAD_COUNT_FIELD_NUMBER: _builtins.int
     BROADCAST_FIELD_NUMBER: _builtins.int
     ORIGIN_NODE_ID_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
     recipient: _builtins.str
     """The user to deliver to; empty for a broadcast."""
     unread_count: _builtins.int
@@ -166,6 +167,11 @@ class Envelope(_message.Message):
     """True for a broadcast: every node delivers it to every local stream."""
     origin_node_id: _builtins.str
     """The node that stored the message; dispatchers do not send it back there."""
+    resync: _builtins.bool
+    """No message: the origin dropped envelopes for this recipient (for every user, with
+    broadcast) when no dispatcher took them, so the receiving node checks the recipient's
+    streams against the store, where those messages are.
+    """
     @_builtins.property
     def message(self) -> _types_pb2.Message:
         """The message as this recipient sees it (with the recipient's seq); absent for an update
@@ -180,10 +186,11 @@ class Envelope(_message.Message):
         unread_count: _builtins.int | None = ...,
         broadcast: _builtins.bool = ...,
         origin_node_id: _builtins.str = ...,
+        resync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_unread_count", b"_unread_count", "message", b"message", "unread_count", b"unread_count"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_unread_count", b"_unread_count", "broadcast", b"broadcast", "message", b"message", "origin_node_id", b"origin_node_id", "recipient", b"recipient", "unread_count", b"unread_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_unread_count", b"_unread_count", "broadcast", b"broadcast", "message", b"message", "origin_node_id", b"origin_node_id", "recipient", b"recipient", "resync", b"resync", "unread_count", b"unread_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__unread_count: _TypeAlias = _typing.Literal["unread_count"]  # noqa: Y015
     _WhichOneofArgType__unread_count: _TypeAlias = _typing.Literal["_unread_count", b"_unread_count"]  # noqa: Y015
