@@ -47,14 +47,16 @@ async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
     that too and go on as if nothing had happened.
     """
     running = [task for task in tasks if task is not None]
+    current = asyncio.current_task()
+    # A caller cleaning up after its own cancellation counts one already: only a new one is its.
+    already = current.cancelling() if current is not None else 0
     for task in running:
         task.cancel()
     for task in running:
         try:
             await task
         except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
+            if current is not None and current.cancelling() > already:
                 raise
 
 

@@ -102,3 +102,28 @@ async def test_cancel_and_wait_raises_what_a_failed_task_raised() -> None:
     await asyncio.sleep(0)
     with pytest.raises(ValueError, match="broken"):
         await cancel_and_wait(task)
+
+
+async def test_clean_up_in_a_cancelled_task_runs_to_its_end() -> None:
+    steps: list[str] = []
+
+    async def owner() -> None:
+        first = asyncio.create_task(asyncio.sleep(60))
+        try:
+            await asyncio.sleep(60)
+        finally:
+            # Cancelled already: the waits below must not take that for a new cancellation.
+            await cancel_and_wait(first)
+            steps.append("first stopped")
+            second = asyncio.create_task(asyncio.sleep(60))
+            await asyncio.sleep(0)
+            await cancel_and_wait(second)
+            steps.append("second stopped")
+
+    task = asyncio.create_task(owner())
+    await asyncio.sleep(0)
+    task.cancel()
+    async with asyncio.timeout(5):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert steps == ["first stopped", "second stopped"]
