@@ -217,6 +217,29 @@ async def test_heartbeats_keep_an_idle_stream_alive() -> None:
         assert core.pool.connections == 0
 
 
+async def test_only_quiet_streams_get_heartbeats() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1", heartbeat_interval=0.5) as core:
+        busy = Reader(core.subscribe("bob", None, None))
+        quiet = Reader(core.subscribe("cid", None, None))
+
+        async def chatter() -> None:
+            while True:
+                await core.send("alice", [outgoing("bob", "tick")])
+                await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(chatter())
+        try:
+            await quiet.until(lambda r: sum(e.HasField("heartbeat") for e in r.events) >= 2)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        # Messages every 50 ms kept bob's stream from ever being quiet for 0.5 s.
+        assert len(busy.seqs()) > 10
+        assert not any(e.HasField("heartbeat") for e in busy.events)
+        await busy.stop()
+        await quiet.stop()
+
+
 async def test_listing_pages_follow_seq_order_even_when_creation_times_do_not() -> None:
     store = MemoryStore()
     # Two nodes stamp creation times from their own clocks; seqs follow commit order.
