@@ -589,9 +589,7 @@ class NodeCore:
         )
         while True:
             batch = await stream.take()
-            if batch.heartbeat and not (
-                batch.messages or batch.unread_count is not None or batch.reconnect or batch.resync
-            ):
+            if not batch.has_news():  # the ticker asked for a heartbeat
                 event = node_pb2.SubscribeResponse()
                 event.heartbeat.sent_at.GetCurrentTime()
                 yield event

@@ -34,6 +34,15 @@ class Batch:
     # Nothing went out for a heartbeat interval: send a heartbeat if there is nothing else.
     heartbeat: bool = False
 
+    def has_news(self) -> bool:
+        """Anything to send or do besides a heartbeat."""
+        return (
+            bool(self.messages)
+            or self.unread_count is not None
+            or bool(self.reconnect)
+            or self.resync
+        )
+
 
 class Stream:
     """One client stream: a bounded outgoing queue and a wake-up for its writer.
@@ -111,14 +120,7 @@ class Stream:
         return batch
 
     def _has_work(self) -> bool:
-        batch = self._batch
-        return (
-            bool(batch.messages)
-            or batch.unread_count is not None
-            or bool(batch.reconnect)
-            or batch.resync
-            or batch.heartbeat
-        )
+        return self._batch.heartbeat or self._batch.has_news()
 
 
 class Pool:
