@@ -53,11 +53,13 @@ def test_survivors_of_full_collections_are_set_aside_and_looked_at_again() -> No
     assert refrozen
 
 
-async def _slow_to_stop(stopped: asyncio.Event) -> None:
+async def _slow_to_stop(stopped: asyncio.Event, winding: asyncio.Event | None = None) -> None:
     """A task that takes a while to wind down once cancelled (as a writer finishing a batch)."""
     try:
         await asyncio.sleep(60)
     except asyncio.CancelledError:
+        if winding is not None:
+            winding.set()
         await asyncio.sleep(0.2)
         stopped.set()
         raise
@@ -74,7 +76,7 @@ async def test_cancel_and_wait_ends_the_tasks_and_keeps_their_cancellation() -> 
 
 
 async def test_a_caller_cancelled_while_it_waits_stays_cancelled() -> None:
-    stopped = asyncio.Event()
+    stopped, winding = asyncio.Event(), asyncio.Event()
     went_on = False
 
     async def stop_it(task: asyncio.Task[None]) -> None:
@@ -82,12 +84,12 @@ async def test_a_caller_cancelled_while_it_waits_stays_cancelled() -> None:
         await cancel_and_wait(task)
         went_on = True  # only if the caller's own cancellation was swallowed
 
-    inner = asyncio.create_task(_slow_to_stop(stopped))
+    inner = asyncio.create_task(_slow_to_stop(stopped, winding))
     await asyncio.sleep(0)
     caller = asyncio.create_task(stop_it(inner))
-    await asyncio.sleep(0.05)  # the caller is waiting for inner to wind down
-    caller.cancel()
     async with asyncio.timeout(5):
+        await winding.wait()  # the caller has cancelled inner and waits for it to wind down
+        caller.cancel()
         with pytest.raises(asyncio.CancelledError):
             await caller
         await asyncio.wait([inner])
