@@ -10,11 +10,10 @@ from dispatcher.routing import Router
 from dispatcher.servicer import DispatcherServicer
 from pigeon import __version__
 from pigeon.auth import ClusterSecret
-from pigeon.config import DispatcherConfig, load_config
+from pigeon.config import DispatcherConfig
 from pigeon.membership import dispatcher_key, now_timestamp, registered
-from pigeon.runtime import configure_logging, run
 from pigeon.server import Principal, Service
-from pigeon.service import listen, wait_for_stop
+from pigeon.service import listen, run_service, wait_for_stop
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
 
 __all__ = ["main", "serve"]
@@ -65,9 +64,7 @@ async def serve(config: DispatcherConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dispatcher`."""
-    config = load_config(DispatcherConfig, argv, prog="python -m dispatcher")
-    configure_logging(config.log_level, config.log_format)
-    return run(lambda: serve(config))
+    return run_service(DispatcherConfig, serve, argv, prog="python -m dispatcher")
 
 
 if __name__ == "__main__":

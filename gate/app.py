@@ -7,12 +7,11 @@ import sys
 
 from gate.servicer import GateServicer
 from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
-from pigeon.config import GateConfig, load_config
+from pigeon.config import GateConfig
 from pigeon.membership import ClusterView
 from pigeon.rest import RestGateway, default_web_root
-from pigeon.runtime import configure_logging, run
 from pigeon.server import PUBLIC, Principal, Service
-from pigeon.service import ChannelCache, channel_factory, listen, wait_for_stop
+from pigeon.service import ChannelCache, channel_factory, listen, run_service, wait_for_stop
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["main", "serve"]
@@ -69,9 +68,7 @@ async def serve(config: GateConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m gate`."""
-    config = load_config(GateConfig, argv, prog="python -m gate")
-    configure_logging(config.log_level, config.log_format)
-    return run(lambda: serve(config))
+    return run_service(GateConfig, serve, argv, prog="python -m gate")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from node.store.base import Store
 from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
-from pigeon.config import NodeConfig, load_config
+from pigeon.config import NodeConfig
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
 from pigeon.rest import RestGateway
-from pigeon.runtime import configure_logging, run
 from pigeon.server import Authenticator, Principal, Service
-from pigeon.service import channel_factory, listen, wait_for_stop
+from pigeon.service import channel_factory, listen, run_service, wait_for_stop
 from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["main", "serve"]
@@ -170,9 +169,7 @@ async def _serve(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m node`."""
-    config = load_config(NodeConfig, argv, prog="python -m node")
-    configure_logging(config.log_level, config.log_format)
-    return run(lambda: serve(config))
+    return run_service(NodeConfig, serve, argv, prog="python -m node")
 
 
 if __name__ == "__main__":

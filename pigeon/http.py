@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
@@ -41,6 +42,14 @@ class _Server(uvicorn.Server):
         # The service owns SIGINT/SIGTERM: it must stop gRPC too, and uvicorn would re-raise them.
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn exits the process when it cannot bind (after logging the system's reason); a
+        # SystemExit raised in a task would leave the loop at once, past every clean-up.
+        try:
+            await super().startup(sockets)
+        except SystemExit:
+            self.should_exit = True
+
 
 class HttpServer:
     """uvicorn serving a Starlette app on the running loop, as an async context manager."""
@@ -56,6 +65,7 @@ class HttpServer:
         start_timeout: float = 10.0,
     ) -> None:
         self.app = Starlette(routes=list(routes))
+        self._host, self._port = host, port
         config = uvicorn.Config(
             self.app,
             host=host,
@@ -78,7 +88,10 @@ class HttpServer:
             while not self._server.started:
                 if self._task.done():
                     self._task.result()
-                    raise OSError("HTTP server stopped during start-up")
+                    raise OSError(
+                        f"cannot listen on {self._host}:{self._port}: the port is taken, or the"
+                        " host is not an address of this machine"
+                    )
                 await asyncio.sleep(0.01)
         sockets = [s for server in self._server.servers for s in server.sockets]
         self.port = sockets[0].getsockname()[1]

@@ -351,12 +351,19 @@ class GrpcServer:
             server,
         )
         address = f"{self._host}:{self._requested_port}"
-        if self._tls is not None:
-            self.port = server.add_secure_port(address, self._tls.credentials())
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if self._tls is not None:
+                self.port = server.add_secure_port(address, self._tls.credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            # grpc says only "Failed to bind" (older versions return port 0 instead).
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(
+                f"cannot listen on {address}: the port is taken, or the host is not an address"
+                " of this machine"
+            )
         await server.start()
         self._server = server
         await self.set_serving(self.serving)

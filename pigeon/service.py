@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 from starlette.routing import BaseRoute
 
-from pigeon.config import CommonConfig
+from pigeon.config import CommonConfig, load_config
+from pigeon.errors import ConfigError
 from pigeon.http import HttpServer, base_routes
 from pigeon.ratelimit import RateLimiter
-from pigeon.runtime import freeze_heap, rescan_heap, stop_signals
+from pigeon.runtime import configure_logging, freeze_heap, rescan_heap, run, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
 __all__ = [
@@ -25,11 +28,41 @@ __all__ = [
     "Listeners",
     "channel_factory",
     "listen",
+    "run_service",
     "tls_files",
     "wait_for_stop",
 ]
 
 log = logging.getLogger("pigeon.service")
+
+_S = TypeVar("_S", GrpcServer, HttpServer)
+_C = TypeVar("_C", bound=CommonConfig)
+
+
+def run_service(
+    config_type: type[_C],
+    serve: Callable[[_C], Coroutine[Any, Any, int]],
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+) -> int:
+    """The whole of `python -m <service>`: its settings, logging, then the service until a stop
+    signal; returns the exit code.
+
+    A bad setting, or a port that cannot be had, ends it with one line that names the setting
+    and exit code 2 (as a bad command line does), not a traceback.
+    """
+    try:
+        config = load_config(config_type, argv, prog=prog)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)
+    try:
+        return run(lambda: serve(config))
+    except ConfigError as exc:
+        log.critical("cannot start: %s", exc)
+        return 2
 
 
 @dataclass
@@ -111,36 +144,56 @@ async def listen(
     be placed on.
     """
     host = config.advertise_host or config.host
-    async with GrpcServer(
-        services,
-        host=config.host,
-        port=config.port,
-        auth=auth,
-        tls=tls_files(config),
-        grace=config.grace_period,
-        limits={
-            "user": RateLimiter(config.user_rate, config.user_burst, "user"),
-            "system": RateLimiter(config.key_rate, config.key_burst, "key"),
-        },
-        serving=False,
-    ) as grpc_server:
+    async with contextlib.AsyncExitStack() as stack:
+        grpc_server = await _bound(
+            stack,
+            GrpcServer(
+                services,
+                host=config.host,
+                port=config.port,
+                auth=auth,
+                tls=tls_files(config),
+                grace=config.grace_period,
+                limits={
+                    "user": RateLimiter(config.user_rate, config.user_burst, "user"),
+                    "system": RateLimiter(config.key_rate, config.key_burst, "key"),
+                },
+                serving=False,
+            ),
+            "port",
+        )
         http_routes = [*base_routes(lambda: grpc_server.serving), *routes]
-        async with HttpServer(
-            http_routes,
-            host=config.host,
-            port=config.http_port,
-            tls_cert=config.tls_cert,
-            tls_key=config.tls_key,
-        ) as http_server:
-            try:
-                yield Listeners(
-                    grpc_server,
-                    http_server,
-                    f"{host}:{grpc_server.port}",
-                    f"{host}:{http_server.port}",
-                )
-            finally:
-                grpc_server.serving = False
+        http_server = await _bound(
+            stack,
+            HttpServer(
+                http_routes,
+                host=config.host,
+                port=config.http_port,
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+            ),
+            "http_port",
+        )
+        try:
+            yield Listeners(
+                grpc_server,
+                http_server,
+                f"{host}:{grpc_server.port}",
+                f"{host}:{http_server.port}",
+            )
+        finally:
+            grpc_server.serving = False
+
+
+async def _bound(stack: contextlib.AsyncExitStack, server: _S, setting: str) -> _S:
+    """Start a listener; a port it cannot have is a setting to change, named as such."""
+    try:
+        return await stack.enter_async_context(server)
+    except OSError as exc:
+        variable = f"PIGEON_{setting.upper()}"
+        raise ConfigError(
+            f"{exc}; set {setting} ({variable}) to a free port, or 0 for any", key=setting
+        ) from exc
 
 
 async def wait_for_stop() -> None:
