@@ -37,22 +37,31 @@ class ClusterSecrets:
 
     @classmethod
     def load(cls, data_dir: Path, env: Mapping[str, str]) -> ClusterSecrets:
-        """Take each secret from PIGEON_* in env, else from data_dir, else generate and keep it."""
+        """Take each secret from PIGEON_* in env, else from data_dir, else generate and keep it.
+
+        Only generated secrets are kept: one from the environment holds for this run alone, so a
+        later run without it goes back to the kept one.
+        """
         saved_path = data_dir / "secrets.json"
         saved: dict[str, str] = {}
         if saved_path.exists():
             saved = json.loads(saved_path.read_text())
-        values = {
-            "jwt_secret": env.get("PIGEON_JWT_SECRET") or saved.get("jwt_secret"),
-            "api_key": (env.get("PIGEON_API_KEYS") or "").split(",")[0] or saved.get("api_key"),
-            "cluster_secret": env.get("PIGEON_CLUSTER_SECRET") or saved.get("cluster_secret"),
-        }
         # Hex, not base64url: a secret starting with "-" reads as a flag (`--api-key -x...`).
-        filled = {k: v or secrets.token_hex(32) for k, v in values.items()}
-        data_dir.mkdir(parents=True, exist_ok=True)
-        saved_path.write_text(json.dumps(filled, indent=2))
-        saved_path.chmod(0o600)
-        return cls(**filled)
+        kept = {
+            name: saved.get(name) or secrets.token_hex(32)
+            for name in ("jwt_secret", "api_key", "cluster_secret")
+        }
+        if kept != saved:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # Readable by its owner alone from the start, not after a chmod.
+            descriptor = os.open(saved_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as file:
+                file.write(json.dumps(kept, indent=2))
+        return cls(
+            jwt_secret=env.get("PIGEON_JWT_SECRET") or kept["jwt_secret"],
+            api_key=(env.get("PIGEON_API_KEYS") or "").split(",")[0] or kept["api_key"],
+            cluster_secret=env.get("PIGEON_CLUSTER_SECRET") or kept["cluster_secret"],
+        )
 
 
 @dataclass
