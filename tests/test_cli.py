@@ -221,6 +221,22 @@ def test_listen_prints_lines_and_stops_cleanly_on_ctrl_c(up: Up) -> None:
     assert "Traceback" not in "\n".join(err.all())
 
 
+def test_listen_ends_with_0_however_often_ctrl_c_comes_while_it_stops(up: Up) -> None:
+    # `timeout -s INT` signals the process and then its process group: two SIGINTs, the second
+    # possibly while the first one's clean-up runs.
+    listener, _out, err = up.start("listen", "--as", "gina")
+    try:
+        err.expect(lambda line: "connected to node-" in line and "as gina" in line)
+        deadline = time.monotonic() + 15
+        while listener.poll() is None and time.monotonic() < deadline:
+            listener.send_signal(signal.SIGINT)
+            time.sleep(0.002)
+        assert listener.wait(1) == 0
+    finally:
+        listener.kill()
+    assert "Traceback" not in "\n".join(err.all())
+
+
 def test_the_inbox_commands(up: Up) -> None:
     ids = up.seed("alice", "frank", ["note 0", "note 1", "note 2"])
     table = up.run("inbox", "--as", "frank").ok()
