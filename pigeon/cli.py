@@ -61,7 +61,10 @@ def _up(args: argparse.Namespace) -> int:
         "Pigeon is up.",
         f"  gate         gRPC {cluster.gate.address}   HTTP http://{cluster.gate.http_address}",
         *(f"  {n.name:<12} gRPC {n.address}   HTTP http://{n.http_address}" for n in cluster.nodes),
-        *(f"  {d.name:<12} gRPC {d.address}" for d in cluster.dispatchers),
+        *(
+            f"  {d.name:<12} gRPC {d.address}   HTTP http://{d.http_address} (health, metrics)"
+            for d in cluster.dispatchers
+        ),
         f"  etcd         {cluster.etcd.endpoint}",
         "",
         f"  PIGEON_JWT_SECRET={s.jwt_secret}",
