@@ -2,6 +2,8 @@
 ops lines run as printed (one bash session, only the Gate's address changed; the secrets come from
 the environment, as `pigeon up` prints them)."""
 
+# ruff: noqa: E501  (OPS is the README's block verbatim, long lines included)
+
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pigeon.auth import mint_user_token
-from pigeon.client import UserClient
+from pigeon.client import SystemClient, UserClient
 from pigeon.local import LocalCluster
 
 pytestmark = pytest.mark.integration
@@ -41,7 +43,7 @@ AS_ALICE="authorization: Bearer $(jq -r .session_token <<<"$CONNECT")"
 # As alice: send, count unread, and watch her stream for 3 s (replayed from the start, then live).
 grpcurl -plaintext -H "$AS_ALICE" -d '{"to": ["bob"], "body": "hi"}' $NODE pigeon.v1.Node/Send
 grpcurl -plaintext -H "$AS_ALICE" $NODE pigeon.v1.Node/GetUnreadCount
-grpcurl -plaintext -H "$AS_ALICE" -max-time 3 -d '{"since_seq": 0}' $NODE pigeon.v1.Node/Subscribe
+grpcurl -plaintext -H "$AS_ALICE" -max-time 3 -d '{"since_seq": 0, "since_broadcast_seq": 0}' $NODE pigeon.v1.Node/Subscribe
 """
 MARK = "@@pigeon-test@@"
 
@@ -58,8 +60,8 @@ EXPECTED: list[tuple[int, list[str]]] = [
     (0, []),
     (0, []),
     (0, ['"message_id"']),
-    (0, ['"unread_count": "1"']),
-    (64 + 4, ['"welcome"', '"user_id": "alice"', "hello alice", '"replay_done"']),
+    (0, ['"unread_count": "2"']),
+    (64 + 4, ['"welcome"', '"user_id": "alice"', "hello alice", "hello everyone", '"replay_done"']),
 ]
 
 
@@ -114,6 +116,8 @@ def test_the_readme_ops_lines_run_as_printed(cluster: LocalCluster, tmp_path: Pa
         token = mint_user_token(cluster.secrets.jwt_secret, "bob")
         async with UserClient(cluster.gate.address, token) as bob:
             await bob.send("alice", "hello alice")
+        async with SystemClient(cluster.gate.address, cluster.secrets.api_key) as system:
+            await system.publish(body="hello everyone", broadcast=True)
 
     asyncio.run(mail_alice())
     lines = commands(OPS)
