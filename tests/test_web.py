@@ -97,6 +97,8 @@ def test_messages_arrive_live_and_the_badge_follows_reads_and_deletes(
 def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    # Failed loads (a missing file's 404 too) show as console errors.
+    page.on("console", lambda line: errors.append(line.text) if line.type == "error" else None)
     page.goto(f"http://{cluster.gate.http_address}/")
     expect(page).to_have_title("Pigeon inbox")
 
@@ -111,6 +113,8 @@ def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
     invoice = page.get_by_test_id("message").filter(has_text="Your invoice #42 is ready.")
     expect(invoice).to_be_visible(timeout=LIVE_WITHIN_MS)
     expect(invoice).to_contain_text("billing")
+    expect(invoice.locator(".kind")).to_have_text("system")
+    expect(invoice.locator(".kind")).to_be_visible()
     expect(badge).to_have_text("1", timeout=WAIT_MS)
 
     publish(cluster, "alice", "Standup moved", "Today's standup is at 10:30.", "calendar")
@@ -137,4 +141,11 @@ def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
     expect(standup).to_have_count(0, timeout=WAIT_MS)
     expect(badge).to_have_text("0", timeout=WAIT_MS)
     assert inbox_of(cluster, "alice") == ["Your invoice #42 is ready."]
+
+    # From the default source, "system": the name once, without a "system" badge beside it.
+    publish(cluster, "alice", "", "Maintenance tonight.", "")
+    notice = page.get_by_test_id("message").filter(has_text="Maintenance tonight.")
+    expect(notice).to_be_visible(timeout=LIVE_WITHIN_MS)
+    expect(notice.locator(".sender")).to_have_text("system")
+    expect(notice.locator(".kind")).to_be_hidden()
     assert errors == []

@@ -191,7 +191,11 @@ function render(message) {
   }
   // textContent only: message text is user input and must never become markup.
   item.querySelector(".sender").textContent = message.sender;
-  item.querySelector(".kind").textContent = (message.kind || "").replace("MESSAGE_KIND_", "");
+  // A badge for system and broadcast messages; none where it would repeat the sender's name.
+  const kind = (message.kind || "").replace("MESSAGE_KIND_", "").toLowerCase();
+  const badge = item.querySelector(".kind");
+  badge.textContent = kind;
+  badge.hidden = !kind || kind === "user" || kind === message.sender.toLowerCase();
   const when = timeOf(message);
   item.querySelector(".time").textContent = when.toLocaleString();
   item.querySelector(".time").dateTime = when.toISOString();
