@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
     from pigeon.client import Event, Message, SystemClient, UserClient
 
 __all__ = ["main"]
+
+
+def _taken(port: int) -> bool:
+    with socket.socket() as probe:
+        # As a server binds (grpc and uvicorn do): a port in TIME_WAIT is not taken.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -54,6 +66,16 @@ def _up(args: argparse.Namespace) -> int:
         cluster.start(timeout=args.timeout)
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"pigeon up: start-up failed: {exc}", file=sys.stderr)
+        # The Gate's ports are the only fixed ones (the rest are free ports): say which flag moves
+        # one that something else holds.
+        for flag, port in (
+            ("--gate-port", args.gate_port),
+            ("--gate-http-port", args.gate_http_port),
+        ):
+            if port and _taken(port):
+                print(
+                    f"pigeon up: port {port} is taken; choose another with {flag}", file=sys.stderr
+                )
         return 1
     s = cluster.secrets
     lines = [

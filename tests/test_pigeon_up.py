@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,3 +111,34 @@ def test_pigeon_up_help_documents_the_ports() -> None:
     assert result.returncode == 0
     assert "--gate-port" in result.stdout and "--gate-http-port" in result.stdout
     assert "7070" in result.stdout and "8070" in result.stdout
+
+
+def test_pigeon_up_on_a_taken_gate_port_says_which_flag_moves_it(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        result = subprocess.run(
+            [
+                PIGEON,
+                "up",
+                "--data-dir",
+                str(tmp_path / "up"),
+                "--gate-port",
+                str(free_port()),
+                "--gate-http-port",
+                str(taken),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{taken}: the port is taken" in result.stderr
+    assert f"pigeon up: port {taken} is taken; choose another with --gate-http-port" in (
+        result.stderr.splitlines()
+    )
+    assert "--gate-port" not in result.stderr.replace("--gate-http-port", "")
+    assert "Traceback" not in result.stderr
