@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -97,6 +102,77 @@ async def python_user(cluster: LocalCluster) -> AsyncIterator[UserClient]:
         cluster.gate.address, mint_user_token(cluster.secrets.jwt_secret, "py")
     ) as client:
         yield client
+
+
+async def run_to_end(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+    """Run a command in clients/js to its end; its exit code, stdout and stderr. Past the
+    timeout its whole process group is killed (a background listener too)."""
+    process = await asyncio.create_subprocess_exec(
+        *args,
+        cwd=JS,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await process.communicate()
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The fenced blocks of clients/js/README.md in a language, as printed."""
+    return re.findall(rf"```{language}\n(.*?)```", (JS / "README.md").read_text(), re.DOTALL)
+
+
+async def test_the_readme_example_and_command_lines_run_as_printed(cluster: LocalCluster) -> None:
+    """Only the Gate's address differs from the README (the test cluster's ports are free
+    ones)."""
+    assert NODE is not None
+    gate = cluster.gate.address
+    secret = cluster.secrets.jwt_secret
+    [example] = readme_blocks("js")
+    # Next to src/, as the README says; a name of its own, removed after.
+    script = JS / f"readme-example-{uuid.uuid4().hex}.js"
+    script.write_text(example.replace("127.0.0.1:7070", gate))
+    try:
+        code, out, err = await run_to_end(
+            [NODE, script.name],
+            {"PATH": "/usr/bin:/bin", "PIGEON_TOKEN": mint_user_token(secret, "alice")},
+            timeout=30,
+        )
+    finally:
+        script.unlink()
+    assert code == 0, err
+    sent = out.splitlines()[-1]
+    assert sent.startswith("sent ")
+    async with UserClient(gate, mint_user_token(secret, "bob")) as bob:
+        page = await bob.list_messages()
+    assert [(m.id, m.sender, m.body) for m in page.messages] == [
+        (sent.removeprefix("sent "), "alice", "Lunch at noon?")
+    ]
+
+    commands = readme_blocks("sh")[-1].replace("127.0.0.1:7070", gate)
+    code, out, err = await run_to_end(
+        ["bash", "-c", commands],
+        {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PIGEON_JWT_SECRET": secret},
+        timeout=60,
+    )
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    [message] = [e for e in events if e.get("type") == "message"]
+    [reply] = [e for e in events if "message_id" in e]
+    assert (message["id"], message["sender"], message["body"]) == (
+        reply["message_id"],
+        "alice",
+        "hi from JS",
+    )
 
 
 async def test_messages_cross_between_python_and_javascript(
