@@ -106,7 +106,7 @@ async def python_user(cluster: LocalCluster) -> AsyncIterator[UserClient]:
 
 async def run_to_end(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
     """Run a command in clients/js to its end; its exit code, stdout and stderr. Past the
-    timeout its whole process group is killed (a background listener too)."""
+    timeout its whole process group is killed (whatever it started too)."""
     process = await asyncio.create_subprocess_exec(
         *args,
         cwd=JS,
@@ -166,13 +166,12 @@ async def test_the_readme_example_and_command_lines_run_as_printed(cluster: Loca
     )
     assert code == 0, err
     events = [json.loads(line) for line in out.splitlines()]
-    [message] = [e for e in events if e.get("type") == "message"]
     [reply] = [e for e in events if "message_id" in e]
-    assert (message["id"], message["sender"], message["body"]) == (
-        reply["message_id"],
-        "alice",
-        "hi from JS",
-    )
+    messages = [(e["seq"], e["id"], e["body"]) for e in events if e.get("type") == "message"]
+    assert messages == [
+        (1, sent.removeprefix("sent "), "Lunch at noon?"),
+        (2, reply["message_id"], "hi from JS"),
+    ]
 
 
 async def test_messages_cross_between_python_and_javascript(
