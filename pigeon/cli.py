@@ -482,27 +482,25 @@ async def _listen(args: argparse.Namespace) -> int:
                 if args.count and received >= args.count:
                     return
 
-    try:
-        async with _user_client(args, cursor=cursor) as client:
-            reader = asyncio.create_task(show(client))
-            stopper = asyncio.create_task(stop.wait())
-            try:
-                await asyncio.wait(
-                    {reader, stopper},
-                    timeout=args.max_time,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                stopper.cancel()
-                await cancel_and_wait(reader)
-    finally:
-        if stop.is_set():
-            # Stopping is under way and bounded: another Ctrl-C (or a `timeout` that signals
-            # both the process and its group) must not turn the clean end into exit 130 once
-            # the loop has given SIGINT back to Python's default handler.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_IGN)
+    async with _user_client(args, cursor=cursor) as client:
+        reader = asyncio.create_task(show(client))
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait(
+                {reader, stopper},
+                timeout=args.max_time,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopper.cancel()
+            await cancel_and_wait(reader)
+            if stop.is_set():
+                # Stopping is under way and bounded: another Ctrl-C (or a `timeout` that
+                # signals both the process and its group) must not turn the clean end into exit
+                # 130 once the loop has given SIGINT back to Python's default handler.
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+                    signal.signal(sig, signal.SIG_IGN)
     return EXIT_OK
 
 

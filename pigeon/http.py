@@ -65,7 +65,6 @@ class HttpServer:
         start_timeout: float = 10.0,
     ) -> None:
         self.app = Starlette(routes=list(routes))
-        self._host, self._port = host, port
         config = uvicorn.Config(
             self.app,
             host=host,
@@ -88,10 +87,8 @@ class HttpServer:
             while not self._server.started:
                 if self._task.done():
                     self._task.result()
-                    raise OSError(
-                        f"cannot listen on {self._host}:{self._port}: the port is taken, or the"
-                        " host is not an address of this machine"
-                    )
+                    config = self._server.config
+                    raise OSError(f"cannot listen on {config.host}:{config.port}")
                 await asyncio.sleep(0.01)
         sockets = [s for server in self._server.servers for s in server.sockets]
         self.port = sockets[0].getsockname()[1]

@@ -360,10 +360,7 @@ class GrpcServer:
             # grpc says only "Failed to bind" (older versions return port 0 instead).
             self.port = 0
         if self.port == 0:
-            raise OSError(
-                f"cannot listen on {address}: the port is taken, or the host is not an address"
-                " of this machine"
-            )
+            raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
         await self.set_serving(self.serving)

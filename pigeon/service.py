@@ -192,7 +192,9 @@ async def _bound(stack: contextlib.AsyncExitStack, server: _S, setting: str) -> 
     except OSError as exc:
         variable = f"PIGEON_{setting.upper()}"
         raise ConfigError(
-            f"{exc}; set {setting} ({variable}) to a free port, or 0 for any", key=setting
+            f"{exc}: the port is taken, or the host is not an address of this machine; set"
+            f" {setting} ({variable}) to a free port, or 0 for any",
+            key=setting,
         ) from exc
 
 
