@@ -72,6 +72,12 @@ def _prefix_within(
     return envelopes[:count]
 
 
+def _stopping() -> bool:
+    """Whether the running task is being cancelled (a call's own CancelledError is not that)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 async def _acked(link: _Link, left: int) -> None:
     """Wait until at most `left` of the link's batches are unacknowledged (its deadline or its
     end bounds the wait)."""
@@ -308,7 +314,7 @@ class DispatcherRelay:
         hints = self._hints
         for envelope in envelopes:
             if hints is None:
-                return
+                break
             if envelope.broadcast or len(hints) >= HINT_LIMIT:
                 hints = None
             elif envelope.HasField("message") or envelope.resync:
@@ -427,6 +433,10 @@ class DispatcherRelay:
             finally:
                 link.deadline = None
                 call.cancel()
+                # gRPC may keep reading the ended stream's requests: its generator must see that
+                # it ended, or it waits for changes for ever if the dispatcher left.
+                link.streams += 1
+                link.changed.set()
                 was_connected, link.connected = link.connected, False
                 link.synced = False
                 link.applied.set()
@@ -449,6 +459,11 @@ class DispatcherRelay:
             if not link.connected:
                 link.connected = True
                 self._connected_changed.set()
+                # Users who came while the stream opened are in reports after the opening one
+                # (routes_ready does not wait for a stream that is not connected yet): the
+                # local streams check the store once those are applied too.
+                if link.opening_version:
+                    link.opening_version = link.target
                 if self._hints != {}:
                     self._outbox_ready.set()  # a dispatcher to take the resync hints
             if reply.publish_on_stream:
@@ -589,6 +604,18 @@ class DispatcherRelay:
                     await stub.Publish(
                         request, metadata=self._metadata, timeout=self._publish_timeout
                     )
+                except asyncio.CancelledError:
+                    if _stopping():
+                        raise
+                    # Not this task's cancellation: the supervisor closed the channel under the
+                    # call because its dispatcher left the view. The next one is tried.
+                    failed.add(info.dispatcher_id)
+                    PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
+                    log.warning(
+                        "publish to dispatcher %s ended as it left; trying the next",
+                        info.dispatcher_id,
+                    )
+                    continue
                 except grpc.aio.AioRpcError as exc:
                     failed.add(info.dispatcher_id)
                     PUBLISH_FAILURES.labels(info.dispatcher_id).inc()

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc.aio
 import pytest
@@ -309,27 +310,41 @@ async def _two_cores(
 ) -> list[NodeCore]:
     """Nodes a and b on one SQLite file, relaying through the dispatchers of view (a through
     those of a_view, if given)."""
-    cores = []
-    for node_id, seen in (("a", view if a_view is None else a_view), ("b", view)):
-        store = SqliteStore(str(path))
-        await store.open()
-        stack.push_async_callback(store.close)
-        core = await stack.enter_async_context(NodeCore(store, node_id=node_id))
-        core.relay = await stack.enter_async_context(
-            DispatcherRelay(
-                node_id=node_id,
-                cluster_secret="secret",
-                dispatchers=lambda seen=seen: seen,  # type: ignore[misc]
-                users=core.pool.users,
-                deliver=core.receive,
-                resync=core.resync,
-                report_interval=0.01,
-                check_interval=0.05,
-            )
+    return [
+        await _core(stack, path, "a", view if a_view is None else a_view),
+        await _core(stack, path, "b", view),
+    ]
+
+
+async def _core(
+    stack: contextlib.AsyncExitStack,
+    path: Path,
+    node_id: str,
+    view: dict[str, types_pb2.DispatcherInfo],
+    *,
+    connected: bool = True,
+) -> NodeCore:
+    """A node core on the SQLite file at path, relaying through the dispatchers of view (once
+    its streams to them are answered, if connected)."""
+    store = SqliteStore(str(path))
+    await store.open()
+    stack.push_async_callback(store.close)
+    core = await stack.enter_async_context(NodeCore(store, node_id=node_id))
+    core.relay = await stack.enter_async_context(
+        DispatcherRelay(
+            node_id=node_id,
+            cluster_secret="secret",
+            dispatchers=lambda: view,
+            users=core.pool.users,
+            deliver=core.receive,
+            resync=core.resync,
+            report_interval=0.01,
+            check_interval=0.05,
         )
+    )
+    if connected:
         assert await core.relay.wait_connected(5)
-        cores.append(core)
-    return cores
+    return core
 
 
 async def _listening(
@@ -452,6 +467,146 @@ async def test_a_dropped_broadcast_or_too_many_dropped_users_make_every_stream_c
                 5,
                 "the dropped message and broadcast to reach the stream",
             )
+
+
+async def test_a_broadcast_dropped_ahead_of_other_envelopes_still_makes_every_stream_check(
+    tmp_path: Path,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": Router()}) as (_, view):
+        seen_by_a: dict[str, types_pb2.DispatcherInfo] = {}
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view, a_view=seen_by_a)
+        ria, sam = await _listening(stack, b, "ria"), await _listening(stack, b, "sam")
+        # One write, so one drop: the broadcast first, then a message to ria.
+        news, to_ria = await a.publish(
+            [
+                Outgoing(to=(), title="", body="to all", metadata={}, broadcast=True),
+                Outgoing(to=("ria",), title="", body="to ria", metadata={}),
+            ]
+        )
+        await asyncio.sleep(0.2)
+        assert not [m for e in (*ria, *sam) for m in e.messages]
+        seen_by_a.update(view)
+        for events, expected in ((ria, {news.id, to_ria.id}), (sam, {news.id})):
+            await wait_until(
+                lambda events=events, expected=expected: (
+                    {m.id for e in events for m in e.messages} == expected
+                ),
+                5,
+                "the dropped broadcast and message to reach the streams",
+            )
+
+
+class _Hanging(DispatcherServicer):
+    """A dispatcher from before publishing on the stream whose Publish calls never end."""
+
+    async def Publish(
+        self, request: dispatcher_pb2.DispatcherPublishRequest, context: Any
+    ) -> dispatcher_pb2.DispatcherPublishResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_dispatcher_that_leaves_during_a_publish_call_does_not_stop_the_relaying() -> None:
+    hung = grpc.aio.server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(_Hanging(_OldRouter()), hung)
+    port = hung.add_insecure_port("127.0.0.1:0")
+    await hung.start()
+    try:
+        async with _serving({"d2": Router()}) as (_, view):
+            a_view = {
+                "d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=f"127.0.0.1:{port}")
+            }
+            a, b = Node("a", a_view, publish_timeout=30), Node("b", view)
+            b.add("ria")
+            async with a.relay, b.relay:
+                assert await a.relay.wait_connected(5)
+                assert await b.relay.wait_connected(5)
+                await b.relay.routes_ready()
+                failures = _failures("d1")
+                a.relay.relay(_envelopes("h", 3, "ria"))
+                await asyncio.sleep(0.3)  # the Publish call to d1 hangs
+                # d1's lease ends (it leaves a's view) and d2 appears: the call in flight is
+                # given up when d1's channel closes, and the envelopes go to d2.
+                del a_view["d1"]
+                a_view.update(view)
+                await wait_until(lambda: len(b.got) >= 3, 5, "the envelopes to reach b via d2")
+                assert b.got == ["h0", "h1", "h2"]
+                assert _failures("d1") - failures == 1
+    finally:
+        await hung.stop(None)
+
+
+async def test_a_dispatcher_that_leaves_leaves_no_task_behind() -> None:
+    async with _serving({"d1": Router(), "d2": Router()}) as (servers, view):
+        a_view = {"d1": view["d1"]}
+        a = Node("a", a_view)
+        async with a.relay:
+            assert await a.relay.wait_connected(5)
+            before = asyncio.all_tasks()
+            a_view["d2"] = view["d2"]
+            assert await a.relay.wait_connected(5)
+            assert asyncio.all_tasks() - before
+            await servers["d2"].stop(None)
+            del a_view["d2"]
+            # Its stream, the stream's request generator and gRPC's reader of it all end.
+            await wait_until(lambda: not asyncio.all_tasks() - before, 5, "d2's tasks to end")
+
+
+class _HeldFirstReply(NodeLink):
+    opened: asyncio.Event | None = None
+
+    async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
+        if self.opened is not None:
+            await self.opened.wait()
+            self.opened = None
+        return await super().take()
+
+
+class _LateToB(Router):
+    """Node b's stream gets no reply until `opened` is set, and b's reports after the opening
+    one are applied a second late (a busy dispatcher)."""
+
+    link_type = _HeldFirstReply
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = asyncio.Event()
+
+    def attach(self, node_id: str) -> NodeLink:
+        link = super().attach(node_id)
+        if node_id == "b":
+            link.opened = self.opened  # type: ignore[attr-defined]
+        return link
+
+    def report(self, link: NodeLink, report: dispatcher_pb2.RoutingReport, version: int) -> None:
+        if link.node_id == "b" and not report.full:
+            asyncio.get_running_loop().call_later(1.0, super().report, link, report, version)
+        else:
+            super().report(link, report, version)
+
+
+async def test_a_user_who_comes_while_a_dispatcher_stream_opens_misses_nothing(
+    tmp_path: Path,
+) -> None:
+    router = _LateToB()
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": router}) as (_, view):
+        a = await _core(stack, tmp_path / "pigeon.db", "a", view)
+        b = await _core(stack, tmp_path / "pigeon.db", "b", view, connected=False)
+        await wait_until(lambda: "b" in router.links, 5, "b's opening report (without ria)")
+        # ria comes while b's stream is unanswered: nothing to wait for, her stream starts.
+        events = await _listening(stack, b, "ria")
+        router.opened.set()
+        assert await b.relay.wait_connected(5)
+        # The dispatcher has not applied the report that adds ria yet: a's message for her
+        # finds no route. It is stored, and her stream must still get it.
+        [stored] = await a.send(
+            "alice", [Outgoing(to=("ria",), title="", body="early", metadata={})]
+        )
+        await wait_until(
+            lambda: [m.id for e in events for m in e.messages] == [stored.id],
+            5,
+            "the message to reach ria's stream",
+        )
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
