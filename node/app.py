@@ -17,6 +17,7 @@ from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
+from pigeon.registry import RegistryUnavailableError
 from pigeon.rest import RestGateway
 from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import channel_factory, listen, run_service, wait_for_stop
@@ -155,7 +156,11 @@ async def _serve(
             await wait_for_stop()
             # Drain: leave the Gates' view first so no new user lands here while streams move.
             started = time.monotonic()
-            await registration.withdraw()
+            try:
+                await registration.withdraw()
+            except RegistryUnavailableError as exc:
+                # The key goes when its lease expires; the streams must move all the same.
+                log.warning("draining while still listed in etcd: %s", exc)
             await listeners.grpc.set_serving(False)
             streams = core.pool.connections
             await core.drain(config.grace_period)

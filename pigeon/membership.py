@@ -140,9 +140,10 @@ async def registered(
     ) as registration:
 
         async def keep_current() -> None:
-            while True:
+            # A withdrawn registration (a draining node) has nothing left to update.
+            while not registration.withdrawn:
                 await asyncio.sleep(interval)
-                if refresh():
+                if refresh() and not registration.withdrawn:
                     await registration.update(encode(info))
 
         task = asyncio.create_task(keep_current(), name=f"refresh {key}")

@@ -199,6 +199,11 @@ class Registration:
         return self._lease_id
 
     @property
+    def withdrawn(self) -> bool:
+        """Whether withdraw was called (the key is gone or goes with its lease)."""
+        return self._withdrawn
+
+    @property
     def registered(self) -> bool:
         """Whether the key is registered under a lease we believe is alive."""
         return self._lease_id is not None and not self._withdrawn

@@ -100,3 +100,23 @@ async def test_sigterm_drains_streams_to_other_nodes_and_loses_nothing(
         await resumed.close()
     finally:
         await client.close()
+
+
+async def test_a_node_stopped_while_etcd_is_down_still_drains_its_streams(
+    cluster: LocalCluster,
+) -> None:
+    client = ClusterClient(cluster)
+    try:
+        a, _ = cluster.nodes
+        listener = client.subscribe(a, "stranded")
+        await listener.wait(lambda lst: any(e.HasField("replay_done") for e in lst.events))
+        await asyncio.to_thread(cluster.etcd.stop)
+        a.signal(signal.SIGTERM)
+        # The node cannot leave etcd's view (its lease ends it), but its streams still get the
+        # hint to reconnect elsewhere, and it stops cleanly.
+        await listener.wait(lambda lst: lst.task.done(), timeout=15)
+        hints = [e.reconnect.reason for e in listener.events if e.HasField("reconnect")]
+        assert hints == ["draining"]
+        assert a.process is not None and a.process.wait(15) == 0
+    finally:
+        await client.close()

@@ -15,8 +15,11 @@ from typing import Any
 import aetcd
 import pytest
 
+from pigeon.config import CommonConfig
 from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
+from pigeon.membership import encode, registered
 from pigeon.registry import PrefixWatch, Registration, RegistryUnavailableError
+from pigeon.v1 import types_pb2
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -205,6 +208,27 @@ async def test_leaving_the_registration_context_removes_the_key_at_once(etcd: Et
             task = reg._task
         await w.wait_for(lambda view: KEY not in view, timeout=2)
         assert task is not None and task.done()
+
+
+async def test_a_withdrawn_registration_stops_its_load_updates_and_leaves_quietly(
+    etcd: EtcdServer,
+) -> None:
+    # A draining node: withdrawn first, while its streams (its load figures) keep changing.
+    info = types_pb2.NodeInfo(node_id="n1", connections=0)
+    config = CommonConfig(etcd_endpoints=[etcd.endpoint])
+
+    def refresh() -> bool:
+        info.connections += 1
+        return True
+
+    first = encode(info)
+    async with PrefixWatch([etcd.endpoint], PREFIX) as w:
+        async with registered(config, KEY, info, refresh, 0.02) as reg:
+            # Updated while registered.
+            await w.wait_for(lambda view: view.get(KEY, first) != first, timeout=5)
+            await reg.withdraw()
+            await asyncio.sleep(0.2)  # ten refresh ticks
+        await w.wait_for(lambda view: KEY not in view, timeout=2)
 
 
 # --- etcd outages --------------------------------------------------------------------------------
