@@ -391,8 +391,9 @@ class PrefixWatch:
 
     On enter it loads the keys under ``prefix`` and starts a task that watches for changes from
     the revision it loaded. After a watch failure (etcd down or restarted) it retries every
-    ``retry_interval`` seconds and resumes from the last revision it saw, so no change is missed;
-    if that revision has been compacted away it loads the keys again. If etcd cannot be reached on
+    ``retry_interval`` seconds: it loads the keys again (reporting what changed meanwhile) and
+    watches from the revision of that read, so no change is missed, and etcd coming back with other
+    data cannot leave stale keys behind. If etcd cannot be reached on
     enter, enter still succeeds with an empty view that fills once etcd answers.
 
     While etcd is unreachable the view keeps its last content: serving from a slightly stale view
@@ -518,16 +519,10 @@ class PrefixWatch:
         failing = False
         while True:
             try:
-                if self._needs_load:
-                    await self._load()
-                elif failing and await self._cluster_rewound():
-                    logger.warning(
-                        "etcd at %s is behind revision %d (its data was replaced); "
-                        "loading %s again",
-                        self._conn.endpoint,
-                        self.revision,
-                        self.prefix,
-                    )
+                # After a failure too: etcd may have come back with other data (a replaced
+                # data dir, a restored backup) whose revisions say nothing of ours, so keys that
+                # vanished with the old data would never be reported deleted. One range read.
+                if self._needs_load or failing:
                     await self._load()
                 watch = await self._conn.client().watch_prefix(
                     self._prefix, start_revision=self.revision + 1
@@ -563,15 +558,6 @@ class PrefixWatch:
                 failing = True
                 await self._conn.failed()
                 await asyncio.sleep(self._retry_interval)
-
-    async def _cluster_rewound(self) -> bool:
-        """Whether etcd's revision is now below the one we saw (its data dir was replaced).
-
-        Watching from our revision would then wait for revisions the new data reaches only much
-        later, and keys that vanished with the old data would never be reported deleted.
-        """
-        probe = await self._conn.client().get_prefix(self._prefix, keys_only=True)
-        return int(probe.header.revision) < self.revision
 
     def _apply(self, event: Any) -> None:
         key = self._decode(event.kv.key)
