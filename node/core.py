@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -101,6 +101,8 @@ class _Unread:
         self._dirty: dict[str, None] = {}
         self._generation: dict[str, int] = {}
         self._last: dict[str, int] = {}
+        # The user whose count is being read now.
+        self._counting: str | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -122,12 +124,19 @@ class _Unread:
             self._changed(user_id)
             self._wake.set()
 
-    def one_more_for_everyone(self) -> None:
+    def one_more_for_everyone(self, counted: Collection[str] = ()) -> None:
         """A broadcast is one more unread message for every user: add it to the last count
-        sent where there is one (no store reads for a fan-out), and count the rest."""
+        sent where there is one (no store reads for a fan-out), and count the rest.
+
+        Users in counted were sent a count that includes it already (stored in one write). A
+        count that is queued or being read may miss changes before the broadcast that the last
+        one sent does not have either: such users are counted again, from after it.
+        """
         for user_id in self._pool.users():
+            if user_id in counted:
+                continue
             last = self._last.get(user_id)
-            if last is None:
+            if last is None or user_id in self._dirty or user_id == self._counting:
                 self.mark(user_id)
             else:
                 self.push(user_id, last + 1)
@@ -141,8 +150,16 @@ class _Unread:
     def settle(self, user_id: str, count: int) -> None:
         """The count is known and on its way (in the same event as the messages)."""
         self._dirty.pop(user_id, None)
+        if not self._pool.holds(user_id):
+            return  # nothing kept for users without a stream here
         self._changed(user_id)
         self._last[user_id] = count
+
+    def welcomed(self, user_id: str, count: int) -> None:
+        """A new stream was sent the count it read; one queued or being read is newer."""
+        if user_id in self._dirty or user_id == self._counting:
+            return
+        self.settle(user_id, count)
 
     def forget(self, user_id: str) -> None:
         """The user's last stream here closed."""
@@ -164,6 +181,7 @@ class _Unread:
                     self._generation.pop(user_id, None)
                     continue
                 generation = self._generation.get(user_id, 0)
+                self._counting = user_id
                 try:
                     count = await self._store.unread_count(user_id)
                 except Exception:
@@ -174,6 +192,8 @@ class _Unread:
                     self._dirty[user_id] = None
                     await asyncio.sleep(0.5)
                     continue
+                finally:
+                    self._counting = None
                 if self._generation.get(user_id, 0) != generation:
                     continue  # stale: a newer count went out, or a recount is queued
                 self._last[user_id] = count
@@ -240,6 +260,8 @@ class NodeCore:
         )
         # Broadcasts of the batch being written, pushed once its publishers are answered.
         self._broadcasts: list[types_pb2.Message] = []
+        # Users sent, with a write holding those broadcasts, a count that includes them.
+        self._counted: set[str] = set()
         self._unread = _Unread(store, self.pool)
         # Events with no more messages than this fit MAX_EVENT_BYTES whatever their size.
         largest = (
@@ -308,8 +330,12 @@ class NodeCore:
         # Delivery happens here, in the single writer, so streams see commit order (broadcasts
         # right after their publishers are answered, still ahead of the next write).
         stored = await self.store.append(batch)
+        # Broadcasts go first: the counts relayed with the other messages include them, so
+        # another node must add them to its last counts before it takes those.
+        broadcasts: list[dispatcher_pb2.Envelope] = []
         envelopes: list[dispatcher_pb2.Envelope] = []
         kinds: dict[Kind, int] = {}
+        counted: set[str] = set()
         for new, result in zip(batch, stored, strict=True):
             if result.duplicate:
                 continue
@@ -317,7 +343,7 @@ class NodeCore:
             if new.kind == Kind.BROADCAST:
                 message = _wire(new, result.broadcast_seq, "")
                 self._broadcasts.append(message)
-                envelopes.append(
+                broadcasts.append(
                     dispatcher_pb2.Envelope(
                         message=message, broadcast=True, origin_node_id=self.node_id
                     )
@@ -327,6 +353,9 @@ class NodeCore:
                 message = _wire(new, result.seqs[recipient], recipient)
                 unread = result.unread.get(recipient)
                 self._push(recipient, message, unread)
+                if unread is not None:
+                    # The store counts every broadcast of the write, also those after this.
+                    counted.add(recipient)
                 if not self._needs_relay(recipient):
                     continue
                 envelope = dispatcher_pb2.Envelope(
@@ -337,8 +366,10 @@ class NodeCore:
                 envelopes.append(envelope)
         for kind, count in kinds.items():
             _STORED_BY_KIND[kind].inc(count)
-        if envelopes:
-            self.relay.relay(envelopes)
+        if kinds.get(Kind.BROADCAST):
+            self._counted |= counted
+        if broadcasts or envelopes:
+            self.relay.relay(broadcasts + envelopes)
         return stored
 
     def _answered(self) -> None:
@@ -347,11 +378,12 @@ class NodeCore:
         # queued behind the answer, they do not delay it.
         if self._broadcasts:
             broadcasts, self._broadcasts = self._broadcasts, []
-            asyncio.get_running_loop().call_soon(self._push_broadcasts, broadcasts)
+            counted, self._counted = self._counted, set()
+            asyncio.get_running_loop().call_soon(self._push_broadcasts, broadcasts, counted)
 
-    def _push_broadcasts(self, messages: list[types_pb2.Message]) -> None:
+    def _push_broadcasts(self, messages: list[types_pb2.Message], counted: set[str]) -> None:
         for message in messages:
-            self._push_broadcast(message)
+            self._push_broadcast(message, counted)
 
     def _needs_relay(self, user_id: str) -> bool:
         """False for a user held here whom, as every dispatcher confirmed, no other node holds."""
@@ -373,7 +405,7 @@ class NodeCore:
             else:
                 self._unread.settle(recipient, unread)
 
-    def _push_broadcast(self, message: types_pb2.Message) -> None:
+    def _push_broadcast(self, message: types_pb2.Message, counted: Collection[str] = ()) -> None:
         if not self._recent.first_time(message.id, ""):
             return
         pushed = 0
@@ -381,7 +413,7 @@ class NodeCore:
             stream.push((message,), None)
             pushed += 1
         DELIVERED.inc(pushed)
-        self._unread.one_more_for_everyone()
+        self._unread.one_more_for_everyone(counted)
 
     def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         """Deliver envelopes relayed from other nodes to the local streams they concern."""
@@ -547,7 +579,7 @@ class NodeCore:
         seq = _start(since_seq, head_seq, "since_seq")
         broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")
         unread = await _read(self.store.unread_count(user_id))
-        self._unread.settle(user_id, unread)
+        self._unread.welcomed(user_id, unread)
         yield node_pb2.SubscribeResponse(
             welcome=node_pb2.Welcome(
                 user_id=user_id,

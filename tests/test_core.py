@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +14,9 @@ import pytest
 from node.commit import GroupCommit
 from node.convert import to_proto
 from node.core import NodeCore
-from node.store.base import Entry, Kind, NewMessage
+from node.store.base import Entry, Kind, NewMessage, Stored
 from node.store.memory import MemoryStore
+from node.store.sqlite import SqliteStore
 from node.validate import Outgoing
 from pigeon.errors import ResourceExhausted, Unavailable
 from pigeon.v1 import dispatcher_pb2, node_pb2
@@ -388,3 +391,68 @@ async def test_a_broadcast_raises_every_unread_count_by_one_without_store_reads(
         assert reads == 0
         for reader in readers.values():
             await reader.stop()
+
+
+def _counts(reader: Reader) -> list[int]:
+    return [e.unread_count for e in reader.events if e.HasField("unread_count")]
+
+
+async def test_a_broadcast_stored_in_one_write_with_a_message_is_counted_once(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "pigeon.db"))
+    await store.open()
+    try:
+        async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+            bob = Reader(core.subscribe("bob", None, None))
+            await bob.until(replayed)
+            # One write: the count sent with bob's message includes the broadcast already.
+            await core.publish(
+                [
+                    Outgoing(to=("bob",), title="", body="for bob", metadata={}),
+                    Outgoing(to=(), title="", body="all", metadata={}, broadcast=True),
+                ]
+            )
+            await bob.until(lambda r: len(r.seqs()) == 2)
+            await asyncio.sleep(0.2)
+            assert _counts(bob)[-1] == await store.unread_count("bob") == 2
+            await bob.stop()
+    finally:
+        await store.close()
+
+
+class _CountsLater(SqliteStore):
+    """A store that, like the MongoDB one, returns no unread counts with a write; its count
+    reads wait for `gate` when one is set."""
+
+    gate: asyncio.Event | None = None
+
+    async def append(self, batch: Sequence[NewMessage]) -> list[Stored]:
+        return [dataclasses.replace(s, unread={}) for s in await super().append(batch)]
+
+    async def unread_count(self, user: str) -> int:
+        if self.gate is not None:
+            await self.gate.wait()
+        return await super().unread_count(user)
+
+
+async def test_a_broadcast_during_a_count_read_is_not_lost(tmp_path: Path) -> None:
+    store = _CountsLater(str(tmp_path / "pigeon.db"))
+    await store.open()
+    try:
+        async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+            bob = Reader(core.subscribe("bob", None, None))
+            await bob.until(replayed)
+            store.gate = asyncio.Event()
+            await core.send("alice", [outgoing("bob", "to count")])  # bob's count is read...
+            await bob.until(lambda r: len(r.seqs()) == 1)
+            # ...and a broadcast comes before the read returns: 1 + 1 unread, not 0 + 1.
+            await core.publish([Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)])
+            await bob.until(lambda r: len(r.seqs()) == 2)
+            store.gate.set()
+            await bob.until(lambda r: _counts(r)[-1] == 2)
+            await asyncio.sleep(0.2)
+            assert _counts(bob)[-1] == await store.unread_count("bob") == 2
+            await bob.stop()
+    finally:
+        await store.close()

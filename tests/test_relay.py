@@ -496,6 +496,28 @@ async def test_a_broadcast_dropped_ahead_of_other_envelopes_still_makes_every_st
             )
 
 
+async def test_a_count_relayed_with_a_broadcast_of_the_same_write_is_taken_once(
+    tmp_path: Path,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack, _serving({"d1": Router()}) as (_, view):
+        a, b = await _two_cores(stack, tmp_path / "pigeon.db", view)
+        events = await _listening(stack, b, "ria")
+        # One write on a: ria's message (with her count, which includes the broadcast), then
+        # the broadcast.
+        await a.publish(
+            [
+                Outgoing(to=("ria",), title="", body="for ria", metadata={}),
+                Outgoing(to=(), title="", body="to all", metadata={}, broadcast=True),
+            ]
+        )
+        await wait_until(
+            lambda: len([m for e in events for m in e.messages]) == 2, 5, "both messages"
+        )
+        await asyncio.sleep(0.2)
+        counts = [e.unread_count for e in events if e.HasField("unread_count")]
+        assert counts[-1] == await b.store.unread_count("ria") == 2
+
+
 class _Hanging(DispatcherServicer):
     """A dispatcher from before publishing on the stream whose Publish calls never end."""
 

@@ -123,6 +123,14 @@ async def test_listing_pages_newest_first_with_filters(store: Store) -> None:
     assert [(e.seq, e.read) for e in read] == [(2, True), (1, True)]
 
 
+async def test_a_user_who_only_ever_got_broadcasts_can_delete_one(store: Store) -> None:
+    stored = await store.append([broadcast("b1"), broadcast("b2")])
+    # Nothing sent to dave, nothing read by him: deleting is his first act.
+    assert await store.delete("dave", stored[0].id) == 1
+    assert await store.unread_count("dave") == 1
+    assert [e.body for e in await store.broadcasts_after("dave", 0, 10)] == ["b2"]
+
+
 async def test_broadcasts_fan_out_on_read_with_per_user_state(store: Store) -> None:
     stored = await store.append([broadcast("b1"), broadcast("b2"), broadcast("b3")])
     assert [s.broadcast_seq for s in stored] == [1, 2, 3]

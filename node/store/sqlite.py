@@ -807,6 +807,8 @@ def _delete(conn: sqlite3.Connection, user: str, message_id: str) -> int | None:
     ).fetchone()
     if state is not None and state[0] == _DELETED:
         return None
+    # _unread_count takes a user without a counters row to have acted on no broadcast.
+    conn.execute("INSERT OR IGNORE INTO counters (user) VALUES (?)", (user,))
     conn.execute(
         "INSERT INTO broadcast_state (user, seq, status) VALUES (?, ?, 2)"
         " ON CONFLICT (user, seq) DO UPDATE SET status = 2",
