@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import grpc.aio
@@ -11,8 +11,9 @@ from node.convert import to_proto
 from node.core import NodeCore
 from node.store.base import Kind, ReadFilter
 from node.validate import Limits, Outgoing, check_batch, check_outgoing
+from pigeon.errors import InvalidArgument
 from pigeon.server import current_principal
-from pigeon.v1 import node_pb2, node_pb2_grpc
+from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["NodeServicer"]
 
@@ -61,11 +62,9 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
             current_principal().id,
             page_size=request.page_size,
             page_token=request.page_token,
-            read=ReadFilter(request.read_filter)
-            if request.read_filter in _READ
-            else ReadFilter.ALL,
+            read=ReadFilter(_known(request.read_filter, _READ, "read_filter")),
             sender=request.sender,
-            kind=Kind(request.kind) if request.kind in _KINDS else None,
+            kind=Kind(_known(request.kind, _KINDS, "kind")) if request.kind else None,
         )
         return node_pb2.ListMessagesResponse(
             messages=[to_proto(e) for e in entries], next_page_token=token
@@ -103,8 +102,23 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
 
 
-_READ = {f.value for f in ReadFilter}
-_KINDS = {k.value for k in Kind}
+_READ = {
+    v.number: v.name for v in node_pb2.ReadFilter.DESCRIPTOR.values if v.number in set(ReadFilter)
+}
+_KINDS = {
+    v.number: v.name for v in types_pb2.MessageKind.DESCRIPTOR.values if v.number in set(Kind)
+}
+
+
+def _known(value: int, names: Mapping[int, str], field: str) -> int:
+    """An enum value this node knows; another (a newer client's) gets INVALID_ARGUMENT."""
+    if value not in names:
+        raise InvalidArgument(
+            f"{field} must be one of {', '.join(names.values())}, got {value}",
+            reason="BAD_ENUM",
+            field=field,
+        )
+    return value
 
 
 def messages_of(

@@ -77,6 +77,7 @@ from pigeon.openapi import (
     message_of,
     openapi_document,
 )
+from pigeon.server import MAX_REQUEST_BYTES
 
 __all__ = ["HTTP_STATUS", "RestGateway", "default_web_root", "http_status"]
 
@@ -204,8 +205,8 @@ def _scalar(descriptor: FieldDescriptor, text: str, where: str) -> Any:
         by_name = enum.values_by_name.get(text)
         if by_name is not None:
             return by_name.number
-        # isascii: "²".isdigit() is true, but int("²") fails.
-        number = text.lstrip("-")
+        # isascii: "²".isdigit() is true, but int("²") fails; one sign only ("--1" is no number).
+        number = text.removeprefix("-")
         if number.isascii() and number.isdigit() and int(text) in enum.values_by_number:
             return int(text)
         names = ", ".join(v.name for v in enum.values)
@@ -484,7 +485,8 @@ class RestGateway:
             REST takes bearer credentials, never cookies); empty turns CORS off.
         web_root: A folder with ``index.html`` to serve at ``/`` (its files under ``/web/``).
         unary_timeout: Deadline of each unary call, seconds.
-        max_body_bytes: Largest request body accepted; larger gets 413.
+        max_body_bytes: Largest request body accepted; larger gets 413. The default is what
+            the gRPC server takes.
     """
 
     def __init__(
@@ -495,7 +497,7 @@ class RestGateway:
         cors_origins: Sequence[str] = ("*",),
         web_root: Path | None = None,
         unary_timeout: float = 30.0,
-        max_body_bytes: int = 8 * 1024 * 1024,
+        max_body_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self._services = list(services)
         # Literal templates before ones with variables, so /v1/messages:read is never taken for

@@ -96,9 +96,15 @@ class TlsFiles:
         )
 
 
+# The largest request a server takes (gRPC's default, said once: the REST gateway's body limit
+# follows it, or a body it accepted would come back RESOURCE_EXHAUSTED, a 429).
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
 def server_options() -> list[tuple[str, Any]]:
     """Channel arguments for a server that takes bursts of thousands of new streams."""
     return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         # The defaults cancel most of a burst of 10,000 new streams.
         ("grpc.server.max_pending_requests", 20000),
         ("grpc.server.max_pending_requests_hard_limit", 20000),

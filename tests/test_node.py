@@ -153,6 +153,15 @@ async def test_inbox_listing_pages_and_filters(node: RunningNode) -> None:
         node_pb2.ListMessagesRequest(read_filter=node_pb2.READ_FILTER_UNREAD), metadata=me
     )
     assert [m.body for m in unread.messages] == ["maintenance", "bill", "c0"]
+    # A value this node does not know (a newer client's) is refused, not taken as "all".
+    for request, field in (
+        (node_pb2.ListMessagesRequest(read_filter=7), "read_filter"),  # type: ignore[arg-type]
+        (node_pb2.ListMessagesRequest(kind=9), "kind"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListMessages(request, metadata=me)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in (refused.value.details() or "")
     one = await stub.GetMessage(
         node_pb2.GetMessageRequest(message_id=unread.messages[1].id), metadata=me
     )

@@ -722,6 +722,7 @@ async def test_node_calls_without_a_session_token_are_401(rest: Rest) -> None:
         ("GET", "/v1/messages?pageSize=ten", b"", "pageSize must be an unsigned 32-bit integer"),
         ("GET", "/v1/messages?pageSize=100000", b"", "over the limit"),
         ("GET", "/v1/messages?readFilter=SOME", b"", "READ_FILTER_UNREAD"),
+        ("GET", "/v1/messages?readFilter=--1", b"", "READ_FILTER_UNREAD"),
         ("GET", "/v1/messages/%0Ax", b"", "control characters"),
         ("POST", "/v1/messages:read", b'{"upToSeq": "-1"}', "upToSeq"),
     ],
@@ -734,6 +735,13 @@ async def test_bad_input_is_400_saying_what_to_fix(
     assert reply.status_code == 400, reply.text
     assert reply.json()["code"] == 3
     assert says in reply.json()["message"]
+
+
+async def test_a_body_larger_than_the_server_takes_is_413_not_429(rest: Rest) -> None:
+    user = await rest.user("big")
+    reply = await user.node.post("/v1/messages", json={"to": ["x"], "body": "x" * 5_000_000})
+    assert reply.status_code == 413, reply.text
+    assert error_info(reply.json())["reason"] == "BODY_TOO_LARGE"
 
 
 async def test_unknown_routes_and_methods_over_the_cluster(rest: Rest) -> None:
