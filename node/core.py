@@ -629,6 +629,9 @@ class NodeCore:
             inbox = _after(batch.messages, seq, broadcast=False)
             broadcasts = _after(batch.messages, broadcast_seq, broadcast=True)
             head_seq = head_broadcast = 0
+            # How far a fill read the store: nothing at or below is left to send (a stretch
+            # of deleted messages must not hold the cursor back and be read for ever).
+            filled_seq = filled_broadcast = 0
             if batch.resync:
                 head_seq, head_broadcast = await _read(self.store.heads(user_id))
             # A message relayed from another node can overtake an older one, or a relay can be
@@ -636,11 +639,11 @@ class NodeCore:
             if (inbox and inbox[-1].seq - seq != len(inbox)) or head_seq > max(
                 seq, inbox[-1].seq if inbox else 0
             ):
-                inbox = await self._fill(stream, seq, inbox, head_seq, broadcast=False)
+                inbox, filled_seq = await self._fill(stream, seq, inbox, head_seq, broadcast=False)
             if (
                 broadcasts and broadcasts[-1].seq - broadcast_seq != len(broadcasts)
             ) or head_broadcast > max(broadcast_seq, broadcasts[-1].seq if broadcasts else 0):
-                broadcasts = await self._fill(
+                broadcasts, filled_broadcast = await self._fill(
                     stream, broadcast_seq, broadcasts, head_broadcast, broadcast=True
                 )
             chunks = list(self._chunks([*inbox, *broadcasts]))
@@ -652,6 +655,7 @@ class NodeCore:
                 )
             last = chunks[-1] if chunks else []
             seq, broadcast_seq = _advance(last, seq, broadcast_seq)
+            seq, broadcast_seq = max(seq, filled_seq), max(broadcast_seq, filled_broadcast)
             event = node_pb2.SubscribeResponse(
                 messages=last,
                 cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
@@ -695,9 +699,10 @@ class NodeCore:
         head: int,
         *,
         broadcast: bool,
-    ) -> list[types_pb2.Message]:
-        """The messages after the cursor up to the newest of live and head: from the store,
-        merged with what came live. A long stretch is filled in parts."""
+    ) -> tuple[list[types_pb2.Message], int]:
+        """The messages after the cursor up to the newest of live and head, from the store
+        merged with what came live, and that seq (the stretch read). A long stretch is filled
+        in parts."""
         top = max(head, live[-1].seq if live else 0)
         if top - after > FILL_LIMIT:
             top = after + FILL_LIMIT
@@ -708,7 +713,7 @@ class NodeCore:
         for message in live:
             if message.seq <= top:
                 merged.setdefault(message.seq, message)
-        return [merged[k] for k in sorted(merged)]
+        return [merged[k] for k in sorted(merged)], top
 
     def resync(self) -> None:
         """Make every local stream check the store: relays may have been lost (a dispatcher

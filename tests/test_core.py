@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -456,3 +457,28 @@ async def test_a_broadcast_during_a_count_read_is_not_lost(tmp_path: Path) -> No
             await bob.stop()
     finally:
         await store.close()
+
+
+async def test_a_stream_far_behind_gets_past_a_stretch_of_deleted_messages(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("node.core.FILL_LIMIT", 3)
+    store = SqliteStore(str(tmp_path / "pigeon.db"))
+    await store.open()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
+        bob = Reader(core.subscribe("bob", None, None))
+        await bob.until(replayed)
+        # Stored elsewhere, never relayed here; bob deleted the first three on another device.
+        others = [
+            NewMessage(f"other-{i}", "carol", Kind.USER, ("bob",), "", f"o{i}", {}, i)
+            for i in range(1, 6)
+        ]
+        await store.append(others)
+        for message in others[:3]:
+            await store.delete("bob", message.id)
+        # The next message shows the gap; the first stretch read holds nothing to send.
+        await core.send("alice", [outgoing("bob", "live")])
+        await bob.until(lambda r: r.seqs() == [4, 5, 6])
+        await bob.stop()
