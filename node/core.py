@@ -259,6 +259,7 @@ class NodeCore:
             self._write, max_size=batch_max_size, max_wait=batch_max_wait, answered=self._answered
         )
         # Broadcasts of the batch being written, pushed once its publishers are answered.
+        self._draining = False
         self._broadcasts: list[types_pb2.Message] = []
         # Users sent, with a write holding those broadcasts, a count that includes them.
         self._counted: set[str] = set()
@@ -558,6 +559,8 @@ class NodeCore:
         stream = Stream(user_id, self.stream_queue_size, self._leave)
         if self.pool.add(stream):
             self.relay.user_added(user_id)
+        if self._draining:
+            stream.close("draining")  # opened while the node drains: the same hint
         try:
             async for event in self._events(stream, since_seq, since_broadcast_seq):
                 yield event
@@ -723,6 +726,7 @@ class NodeCore:
 
     async def drain(self, grace: float) -> None:
         """Ask every stream to reconnect elsewhere and wait (bounded) until they are gone."""
+        self._draining = True
         for stream in self.pool.all():
             stream.close("draining")
         with contextlib.suppress(TimeoutError):

@@ -482,3 +482,19 @@ async def test_a_stream_far_behind_gets_past_a_stretch_of_deleted_messages(
         await core.send("alice", [outgoing("bob", "live")])
         await bob.until(lambda r: r.seqs() == [4, 5, 6])
         await bob.stop()
+
+
+async def test_a_stream_opened_while_the_node_drains_is_told_to_reconnect() -> None:
+    async with NodeCore(MemoryStore(), node_id="n1", heartbeat_interval=5) as core:
+        # A client that stopped reading keeps the drain waiting.
+        stuck = core.subscribe("stu", None, None)
+        async for event in stuck:
+            if event.HasField("replay_done"):
+                break
+        draining = asyncio.create_task(core.drain(30))
+        late = Reader(core.subscribe("lou", None, None))
+        await late.until(lambda r: r.task.done())
+        assert [e.reconnect.reason for e in late.events if e.HasField("reconnect")] == ["draining"]
+        draining.cancel()
+        await asyncio.gather(draining, return_exceptions=True)
+        await stuck.aclose()
