@@ -259,6 +259,7 @@ class NodeCore:
             self._write, max_size=batch_max_size, max_wait=batch_max_wait, answered=self._answered
         )
         # Broadcasts of the batch being written, pushed once its publishers are answered.
+        self._open_streams: dict[str, int] = {}
         self._draining = False
         self._broadcasts: list[types_pb2.Message] = []
         # Users sent, with a write holding those broadcasts, a count that includes them.
@@ -546,7 +547,9 @@ class NodeCore:
         The stream joins the pool before the store is read, so nothing stored meanwhile is
         missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
         """
-        open_streams = len(tuple(self.pool.streams_of(user_id)))
+        # Counted until they end, not until they leave the pool: a stream cut as too slow stays
+        # open while its client does not read the hint.
+        open_streams = self._open_streams.get(user_id, 0)
         if open_streams >= self.max_streams_per_user:
             # Each stream costs the node memory; a client that opens them without end (or
             # leaves them unread) must not be able to exhaust it.
@@ -556,6 +559,7 @@ class NodeCore:
                 retry_after=5.0,
                 reason="TOO_MANY_STREAMS",
             )
+        self._open_streams[user_id] = open_streams + 1
         stream = Stream(user_id, self.stream_queue_size, self._leave)
         if self.pool.add(stream):
             self.relay.user_added(user_id)
@@ -566,6 +570,9 @@ class NodeCore:
                 yield event
         finally:
             self._leave(stream)
+            left = self._open_streams.pop(user_id) - 1
+            if left:
+                self._open_streams[user_id] = left
 
     def _leave(self, stream: Stream) -> None:
         if self.pool.remove(stream):

@@ -498,3 +498,26 @@ async def test_a_stream_opened_while_the_node_drains_is_told_to_reconnect() -> N
         draining.cancel()
         await asyncio.gather(draining, return_exceptions=True)
         await stuck.aclose()
+
+
+async def test_streams_cut_as_too_slow_count_against_the_limit_until_they_end() -> None:
+    async with NodeCore(
+        MemoryStore(), node_id="n1", max_streams_per_user=2, stream_queue_size=2
+    ) as core:
+        # A client that stops reading, then is sent more than its queue holds: cut.
+        stalled = core.subscribe("bob", None, None)
+        async for event in stalled:
+            if event.HasField("replay_done"):
+                break
+        await core.send("alice", [outgoing("bob", f"m{i}") for i in range(5)])
+        assert not tuple(core.pool.streams_of("bob"))
+        # Its hint is unread, so it is still open: one more stream fits, not two.
+        second = Reader(core.subscribe("bob", None, None))
+        await second.until(replayed)
+        with pytest.raises(ResourceExhausted):
+            await anext(core.subscribe("bob", None, None))
+        await stalled.aclose()
+        third = Reader(core.subscribe("bob", None, None))
+        await third.until(replayed)
+        await second.stop()
+        await third.stop()
