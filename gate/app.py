@@ -9,6 +9,7 @@ from gate.servicer import GateServicer
 from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
 from pigeon.config import GateConfig
 from pigeon.membership import ClusterView
+from pigeon.ratelimit import RateLimiter
 from pigeon.rest import RestGateway, default_web_root
 from pigeon.server import PUBLIC, Principal, Service
 from pigeon.service import ChannelCache, channel_factory, listen, run_service, wait_for_stop
@@ -43,6 +44,7 @@ async def serve(config: GateConfig) -> int:
             epsilon=config.placement_epsilon,
             fallbacks=config.fallback_nodes,
             session_ttl=config.session_ttl,
+            user_limit=RateLimiter(config.user_rate, config.user_burst, "user"),
         )
         services = [Service(GATE, lambda s: gate_pb2_grpc.add_GateServicer_to_server(servicer, s))]
         auth = {f"/{GATE}/Connect": PUBLIC, f"/{GATE}/": system}

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 from gate.placement import rank_nodes
 from pigeon.auth import SessionTokens, UserTokenVerifier, bearer_token
 from pigeon.errors import PigeonError, Unavailable, from_rpc_error
+from pigeon.ratelimit import RateLimiter
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["GateServicer"]
@@ -45,6 +46,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         heartbeat_interval: announced to clients, in seconds.
         epsilon: the placement load bound.
         fallbacks: how many fallback nodes a Connect answer lists.
+        user_limit: limits each user's Connect calls (the guard's limits know only the
+            callers it authenticates, and Connect's caller is known only once its token is).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         epsilon: float,
         fallbacks: int,
         session_ttl: float,
+        user_limit: RateLimiter | None = None,
     ) -> None:
         self._nodes = nodes
         self._dispatchers = dispatchers
@@ -69,6 +73,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         self._epsilon = epsilon
         self._fallbacks = fallbacks
         self._session_ttl = session_ttl
+        self._user_limit = user_limit
 
     def _ranked(self, user_id: str) -> list[types_pb2.NodeInfo]:
         nodes = self._nodes()
@@ -87,6 +92,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         token = request.token or bearer_token(context.invocation_metadata())
         try:
             claims = self._user_tokens.verify(token)
+            if self._user_limit is not None:
+                self._user_limit.take(claims.user_id)
             ranked = self._ranked(claims.user_id)
         except PigeonError as exc:
             CONNECTS.labels(exc.reason.lower()).inc()

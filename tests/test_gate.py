@@ -108,6 +108,27 @@ async def test_every_bad_user_token_is_unauthenticated_with_its_reason(
     await channel.close(None)
 
 
+async def test_one_user_connecting_in_a_loop_is_rate_limited_and_others_are_not(
+    cluster: LocalCluster,
+) -> None:
+    # The Gate's defaults: 100 calls/s per user, bursts of 200.
+    channel, gate = gate_stub(cluster.gate)
+    looping = gate_pb2.ConnectRequest(token=token(cluster, "looping"))
+
+    async def connect() -> grpc.StatusCode:
+        try:
+            await gate.Connect(looping, timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(connect() for _ in range(500)))
+    assert codes.count(grpc.StatusCode.OK) >= 200
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    await gate.Connect(gate_pb2.ConnectRequest(token=token(cluster, "patient")), timeout=30)
+    await channel.close(None)
+
+
 async def test_system_calls_need_an_api_key_not_a_user_token(cluster: LocalCluster) -> None:
     channel, gate = gate_stub(cluster.gate)
     publish = gate_pb2.PublishRequest(to=["alice"], body="x")
