@@ -249,7 +249,8 @@ async def test_watch_keeps_its_view_while_etcd_is_down_and_resumes_after_restart
             await retry(lambda: client.put(b"/pigeon/nodes/b", b"B"))
             await w.wait_for(lambda view: "/pigeon/nodes/b" in view, timeout=5)
             assert w.view == {"/pigeon/nodes/a": b"A", "/pigeon/nodes/b": b"B"}
-            assert w.connected
+            # The keys are read again before the watch is back in place.
+            await wait_until(lambda: w.connected, 5, "the watch to be back")
     finally:
         await client.close()
 
