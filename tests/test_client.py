@@ -409,6 +409,22 @@ async def test_a_drain_hint_reconnects_after_the_hinted_delay() -> None:
 
 
 @pytest.mark.unit
+async def test_a_node_that_welcomes_then_fails_every_time_is_retried_with_growing_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def failing(request: Any) -> AsyncIterator[Any]:
+        yield welcome()
+        raise RuntimeError("the store failed during the replay")
+
+    # Each pause at its bound: the Gate's backoff here is 20 ms, doubling, at most 100 ms.
+    monkeypatch.setattr("pigeon.client.backoff.random.uniform", lambda low, high: high)
+    async with fake_cluster(failing) as (gate, _), UserClient(gate.address, "jwt") as client:
+        seen = await collect(client, lambda s: sum(isinstance(e, Disconnected) for e in s) == 4)
+    pauses = [e.retry_in for e in seen if isinstance(e, Disconnected)]
+    assert pauses == pytest.approx([0.04, 0.08, 0.1, 0.1])
+
+
+@pytest.mark.unit
 async def test_callbacks_get_every_event_in_order() -> None:
     async def script(request: Any) -> AsyncIterator[Any]:
         yield welcome(unread=2)

@@ -219,6 +219,8 @@ class UserClient:
             grpc.aio.UnaryStreamCall[node_pb2.SubscribeRequest, node_pb2.SubscribeResponse] | None
         ) = None
         self._interrupt_reason: str | None = None
+        # Whether the current (or last) stream got past its replay.
+        self._past_replay = False
         self._receive = receive
         # Wakes a client without a stream (receive=False) when its session must be renewed.
         self._renew = asyncio.Event()
@@ -577,7 +579,9 @@ class UserClient:
                     fatal = _PERMANENT - {grpc.StatusCode.UNAUTHENTICATED}
                     if not outcome.established and outcome.error.code in fatal:
                         raise outcome.error
-                failures = 0 if outcome.established else failures + 1
+                # Not on the welcome alone: a node that welcomes and then fails every time
+                # (a store error in the replay) must see the client back off.
+                failures = 0 if self._past_replay else failures + 1
                 pause = outcome.retry_after
                 if pause is None:
                     pause = self._backoff.delay(failures)
@@ -640,6 +644,7 @@ class UserClient:
         stub = node_pb2_grpc.NodeStub(self._channels.get(address))
         call = stub.Subscribe(request, metadata=metadata)
         self._call, self._interrupt_reason = call, None
+        self._past_replay = False
         refresh: asyncio.TimerHandle | None = None
         session: _Session | None = None
         try:
@@ -710,6 +715,7 @@ class UserClient:
         event = first
         while True:
             gap = await self._accept(event, live)
+            self._past_replay = self._past_replay or event.HasField("replay_done")
             if gap:
                 return _Outcome("gap", established=True, retry_after=0)
             live = live or event.HasField("replay_done")
