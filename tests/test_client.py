@@ -379,6 +379,28 @@ async def test_a_refused_token_fails_at_once_with_the_servers_reason() -> None:
 
 
 @pytest.mark.unit
+async def test_a_token_function_that_fails_for_a_moment_is_tried_again() -> None:
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise ConnectionError("the site's backend is unreachable")
+        return "jwt"
+
+    async def script(request: Any) -> AsyncIterator[Any]:
+        yield welcome()
+        yield replay_done()
+        await hold()
+
+    async with fake_cluster(script) as (gate, _), UserClient(gate.address, token) as client:
+        seen = await collect(client, lambda s: any(isinstance(e, Connected) for e in s))
+    assert calls == 3 and gate.connects == 1
+    assert [type(e) for e in seen] == [Connected]
+
+
+@pytest.mark.unit
 async def test_no_gate_fails_after_the_connect_timeout() -> None:
     with pytest.raises(Unavailable, match="could not connect"):
         async with UserClient(f"127.0.0.1:{free_port()}", "jwt", connect_timeout=0.5):

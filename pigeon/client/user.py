@@ -153,7 +153,8 @@ class UserClient:
     Args:
         gate_address: ``host:port`` of a Gate, or a list of Gates to rotate through.
         token: The user's JWT from the site's backend, or a function returning a fresh one
-            (called on every reconnect, so a long-lived client outlives its tokens).
+            (called on every reconnect, so a long-lived client outlives its tokens; when it
+            raises, the client tries again with backoff, as when no Gate answers).
         secure: Use TLS (with the system's root certificates unless ``root_certificates``).
         root_certificates: PEM root certificates for TLS.
         cursor: Resume from a cursor saved from an earlier session (:attr:`cursor`); by default
@@ -598,9 +599,14 @@ class UserClient:
                 await self._queue.put(_END)
 
     async def _gate_connect(self) -> gate_pb2.ConnectResponse:
-        token = self._token() if callable(self._token) else self._token
-        if inspect.isawaitable(token):
-            token = await token
+        try:
+            token = self._token() if callable(self._token) else self._token
+            if inspect.isawaitable(token):
+                token = await token
+        except Exception as exc:
+            # Often the same outage that broke the stream (the site's backend unreachable):
+            # retried with backoff like an unreachable Gate, not the end of the client.
+            raise Unavailable(f"the token function failed: {exc!r}") from exc
         address = self._gates[self._gate_index % len(self._gates)]
         stub = gate_pb2_grpc.GateStub(self._channels.get(address))
         try:
