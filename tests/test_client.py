@@ -41,6 +41,7 @@ from pigeon.client import (
     Unavailable,
     UserClient,
 )
+from pigeon.client._channel import Channels
 from pigeon.errors import PigeonError, abort
 from pigeon.errors import ResourceExhausted as ServerResourceExhausted
 from pigeon.errors import Unauthenticated as ServerUnauthenticated
@@ -472,6 +473,37 @@ async def test_callbacks_get_every_event_in_order() -> None:
             async for _ in client.events():
                 pass
     assert got == [2, 1, 2]
+
+
+@pytest.mark.unit
+async def test_a_client_closed_from_its_callback_closes_its_channels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def script(request: Any) -> AsyncIterator[Any]:
+        yield welcome()
+        yield replay_done()
+        yield messages(1)
+        await hold()
+
+    closed: list[Channels] = []
+    close = Channels.close
+
+    async def recorded(channels: Channels) -> None:
+        closed.append(channels)
+        await close(channels)
+
+    monkeypatch.setattr(Channels, "close", recorded)
+    clients: list[UserClient] = []
+
+    async def on_message(message: Message) -> None:
+        await clients[0].close()
+
+    async with fake_cluster(script) as (gate, _):
+        clients.append(UserClient(gate.address, "jwt", on_message=on_message))
+        async with clients[0] as client:
+            async with asyncio.timeout(5):
+                await client.wait_closed()
+        assert len(closed) == 1
 
 
 @pytest.mark.unit

@@ -272,12 +272,15 @@ class UserClient:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
+        task = self._task
+        # From a callback, close() runs inside the stream task: it cannot wait for that.
+        inside = task is not None and task is asyncio.current_task()
+        if task is not None and not inside:
+            task.cancel()
             # wait() rather than awaiting the task: its CancelledError is not ours to swallow
             # if the caller of close() is being cancelled too.
-            await asyncio.wait([self._task], timeout=_CLOSE_TIMEOUT)
-            if not self._task.done():
+            await asyncio.wait([task], timeout=_CLOSE_TIMEOUT)
+            if not task.done():
                 log.warning("the client's stream task did not stop in %g s", _CLOSE_TIMEOUT)
         await self._channels.close()
         # Whoever still iterates events() stops; what was queued and not read is dropped.
@@ -285,6 +288,8 @@ class UserClient:
             self._queue.get_nowait()
         self._queue.put_nowait(_END)
         self._session_changed.set()
+        if task is not None and inside:
+            task.cancel()  # it ends at its next wait, once the callback returns
 
     async def wait_closed(self) -> None:
         """Wait until the client is closed or stops on an error it cannot recover from.
