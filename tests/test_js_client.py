@@ -21,6 +21,7 @@ import pytest
 from pigeon.auth import mint_user_token
 from pigeon.client import Message, UserClient
 from pigeon.local import LocalCluster
+from tests.test_client import fake_cluster, welcome
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +215,23 @@ async def test_messages_cross_between_python_and_javascript(
                 break
     assert isinstance(event, Message)
     assert (event.id, event.body, event.sender) == (sent["message_id"], "from js", "js")
+
+
+async def test_a_node_that_welcomes_then_fails_every_time_is_retried_with_growing_backoff(
+    node_modules: None,
+) -> None:
+    async def failing(request: object) -> AsyncIterator[object]:
+        yield welcome()
+        raise RuntimeError("the store failed during the replay")
+
+    async with fake_cluster(failing) as (gate, node):
+        listener = await JsProcess.start("listen", "--gate", gate.address, "--token", "jwt")
+        try:
+            await listener.expect("connected")
+            await asyncio.sleep(2)
+        finally:
+            listener.kill()
+            await listener.process.wait()
+    # The fake Gate's backoff: 20 ms, doubling, at most 100 ms. Growing, that is about 30
+    # attempts in 2 s; starting over at every welcome, about 100.
+    assert 3 <= len(node.subscribes) <= 45, len(node.subscribes)

@@ -321,7 +321,9 @@ export class UserClient extends EventEmitter {
           && outcome.error.code !== Status.UNAUTHENTICATED) {
         return this.fail(outcome.error);
       }
-      failures = outcome.established ? 0 : failures + 1;
+      // Not on the welcome alone: a node that welcomes and then fails every time (a store error
+      // in the replay) must see the client back off.
+      failures = outcome.pastReplay ? 0 : failures + 1;
       const wait = outcome.retryAfterMs ?? this.delay(failures);
       if (outcome.established) {
         this.emit('disconnected', { reason: outcome.reason, retryInMs: wait, error: outcome.error });
@@ -387,7 +389,7 @@ export class UserClient extends EventEmitter {
         if (this.call === call) this.call = null;
         if (this.session === mySession) this.session = null;
         call.cancel();
-        resolve({ established, ...outcome });
+        resolve({ established, pastReplay: live, ...outcome });
       };
       const arm = () => {
         clearTimeout(watchdog);
