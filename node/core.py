@@ -136,7 +136,7 @@ class _Unread:
             if user_id in counted:
                 continue
             last = self._last.get(user_id)
-            if last is None or user_id in self._dirty or user_id == self._counting:
+            if last is None or self._pending(user_id):
                 self.mark(user_id)
             else:
                 self.push(user_id, last + 1)
@@ -157,9 +157,13 @@ class _Unread:
 
     def welcomed(self, user_id: str, count: int) -> None:
         """A new stream was sent the count it read; one queued or being read is newer."""
-        if user_id in self._dirty or user_id == self._counting:
+        if self._pending(user_id):
             return
         self.settle(user_id, count)
+
+    def _pending(self, user_id: str) -> bool:
+        """Whether a count of the user's is queued or being read."""
+        return user_id in self._dirty or user_id == self._counting
 
     def forget(self, user_id: str) -> None:
         """The user's last stream here closed."""
@@ -258,9 +262,11 @@ class NodeCore:
         self._commit: GroupCommit[NewMessage, Stored] = GroupCommit(
             self._write, max_size=batch_max_size, max_wait=batch_max_wait, answered=self._answered
         )
-        # Broadcasts of the batch being written, pushed once its publishers are answered.
+        # Streams per user from start to end (a stream cut as too slow has left the pool).
         self._open_streams: dict[str, int] = {}
+        # Set by drain: new streams get the reconnect hint too.
         self._draining = False
+        # Broadcasts of the batch being written, pushed once its publishers are answered.
         self._broadcasts: list[types_pb2.Message] = []
         # Users sent, with a write holding those broadcasts, a count that includes them.
         self._counted: set[str] = set()

@@ -110,7 +110,8 @@ class _Link:
         self.ack_shared = False
         # The full report that opened this stream, until its acknowledgement (0 after).
         self.opening_version = 0
-        # Streams opened so far: the request generator of an ended one must stop.
+        # Bumped when a stream opens and when it ends: the request generator of an ended one
+        # sees the change and stops.
         self.streams = 0
         # Publishing on the stream: whether the dispatcher said it takes envelopes on it, the
         # batches not acknowledged yet (publish_seq, envelopes, when the wait for it ends), the
@@ -604,27 +605,20 @@ class DispatcherRelay:
                     await stub.Publish(
                         request, metadata=self._metadata, timeout=self._publish_timeout
                     )
-                except asyncio.CancelledError:
-                    if _stopping():
+                except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
+                    # A CancelledError that is not this task's: the supervisor closed the
+                    # channel under the call, as its dispatcher left the view.
+                    if isinstance(exc, asyncio.CancelledError) and _stopping():
                         raise
-                    # Not this task's cancellation: the supervisor closed the channel under the
-                    # call because its dispatcher left the view. The next one is tried.
-                    failed.add(info.dispatcher_id)
-                    PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
-                    log.warning(
-                        "publish to dispatcher %s ended as it left; trying the next",
-                        info.dispatcher_id,
-                    )
-                    continue
-                except grpc.aio.AioRpcError as exc:
+                    rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else None
                     failed.add(info.dispatcher_id)
                     PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
                     log.warning(
                         "publish to dispatcher %s failed (%s); trying the next",
                         info.dispatcher_id,
-                        exc.code().name,
+                        rpc.code().name if rpc else "it left",
                     )
-                    if exc.code() not in RETRYABLE:
+                    if rpc is not None and rpc.code() not in RETRYABLE:
                         # Retrying cannot help; dropping keeps later envelopes moving (the
                         # messages are stored, and streams resync).
                         self._drop_in_flight(len(batch))

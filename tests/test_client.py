@@ -482,7 +482,7 @@ async def test_a_client_closed_from_its_callback_closes_its_channels(
     async def script(request: Any) -> AsyncIterator[Any]:
         yield welcome()
         yield replay_done()
-        yield messages(1)
+        yield messages(1, 2)
         await hold()
 
     closed: list[Channels] = []
@@ -494,9 +494,14 @@ async def test_a_client_closed_from_its_callback_closes_its_channels(
 
     monkeypatch.setattr(Channels, "close", recorded)
     clients: list[UserClient] = []
+    got: list[int] = []
+    finished: list[int] = []
 
     async def on_message(message: Message) -> None:
+        got.append(message.seq)
         await clients[0].close()
+        await asyncio.sleep(0)  # the callback goes on after close()
+        finished.append(message.seq)
 
     async with fake_cluster(script) as (gate, _):
         clients.append(UserClient(gate.address, "jwt", on_message=on_message))
@@ -504,6 +509,8 @@ async def test_a_client_closed_from_its_callback_closes_its_channels(
             async with asyncio.timeout(5):
                 await client.wait_closed()
         assert len(closed) == 1
+        # Nothing after the close is handed out, not even the rest of that event.
+        assert got == finished == [1]
 
 
 @pytest.mark.unit

@@ -64,10 +64,15 @@ class JsProcess:
         self.lines: list[dict[str, object]] = []
 
     @classmethod
-    async def start(cls, *args: str) -> JsProcess:
+    async def start(cls, *args: str, node_options: str = "") -> JsProcess:
         assert NODE is not None
         process = await asyncio.create_subprocess_exec(
-            NODE, str(CLI), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            NODE,
+            *node_options.split(),
+            str(CLI),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         return cls(process)
 
@@ -218,20 +223,22 @@ async def test_messages_cross_between_python_and_javascript(
 
 
 async def test_a_node_that_welcomes_then_fails_every_time_is_retried_with_growing_backoff(
-    node_modules: None,
+    node_modules: None, tmp_path: Path
 ) -> None:
     async def failing(request: object) -> AsyncIterator[object]:
         yield welcome()
         raise RuntimeError("the store failed during the replay")
 
-    async with fake_cluster(failing) as (gate, node):
-        listener = await JsProcess.start("listen", "--gate", gate.address, "--token", "jwt")
+    # Each pause at its bound: the fake Gate's backoff is 20 ms, doubling, at most 100 ms.
+    at_bound = tmp_path / "random-at-bound.cjs"
+    at_bound.write_text("Math.random = () => 1;\n")
+    async with fake_cluster(failing) as (gate, _):
+        listener = await JsProcess.start(
+            "listen", "--gate", gate.address, "--token", "jwt", node_options=f"--require {at_bound}"
+        )
         try:
-            await listener.expect("connected")
-            await asyncio.sleep(2)
+            pauses = [(await listener.expect("disconnected"))["retry_in_ms"] for _ in range(4)]
         finally:
             listener.kill()
             await listener.process.wait()
-    # The fake Gate's backoff: 20 ms, doubling, at most 100 ms. Growing, that is about 30
-    # attempts in 2 s; starting over at every welcome, about 100.
-    assert 3 <= len(node.subscribes) <= 45, len(node.subscribes)
+    assert pauses == [40, 80, 100, 100]

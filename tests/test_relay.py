@@ -510,10 +510,10 @@ async def test_a_count_relayed_with_a_broadcast_of_the_same_write_is_taken_once(
                 Outgoing(to=(), title="", body="to all", metadata={}, broadcast=True),
             ]
         )
+        # Each message and the count that goes with it come in one event.
         await wait_until(
             lambda: len([m for e in events for m in e.messages]) == 2, 5, "both messages"
         )
-        await asyncio.sleep(0.2)
         counts = [e.unread_count for e in events if e.HasField("unread_count")]
         assert counts[-1] == await b.store.unread_count("ria") == 2
 
@@ -521,16 +521,21 @@ async def test_a_count_relayed_with_a_broadcast_of_the_same_write_is_taken_once(
 class _Hanging(DispatcherServicer):
     """A dispatcher from before publishing on the stream whose Publish calls never end."""
 
+    called: asyncio.Event
+
     async def Publish(
         self, request: dispatcher_pb2.DispatcherPublishRequest, context: Any
     ) -> dispatcher_pb2.DispatcherPublishResponse:
+        self.called.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
 
 async def test_a_dispatcher_that_leaves_during_a_publish_call_does_not_stop_the_relaying() -> None:
     hung = grpc.aio.server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(_Hanging(_OldRouter()), hung)
+    hanging = _Hanging(_OldRouter())
+    hanging.called = asyncio.Event()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(hanging, hung)
     port = hung.add_insecure_port("127.0.0.1:0")
     await hung.start()
     try:
@@ -546,7 +551,8 @@ async def test_a_dispatcher_that_leaves_during_a_publish_call_does_not_stop_the_
                 await b.relay.routes_ready()
                 failures = _failures("d1")
                 a.relay.relay(_envelopes("h", 3, "ria"))
-                await asyncio.sleep(0.3)  # the Publish call to d1 hangs
+                async with asyncio.timeout(5):
+                    await hanging.called.wait()  # the Publish call to d1 hangs
                 # d1's lease ends (it leaves a's view) and d2 appears: the call in flight is
                 # given up when d1's channel closes, and the envelopes go to d2.
                 del a_view["d1"]

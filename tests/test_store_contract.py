@@ -123,6 +123,13 @@ async def test_listing_pages_newest_first_with_filters(store: Store) -> None:
     assert [(e.seq, e.read) for e in read] == [(2, True), (1, True)]
 
 
+async def test_a_count_returned_with_a_write_includes_every_broadcast_of_it(store: Store) -> None:
+    to_bob, _ = await store.append([msg(("bob",)), broadcast("later in the write")])
+    # Stores that cannot tell in the same transaction return no count; the node counts then.
+    assert to_bob.unread in ({}, {"bob": 2})
+    assert await store.unread_count("bob") == 2
+
+
 async def test_a_user_who_only_ever_got_broadcasts_can_delete_one(store: Store) -> None:
     stored = await store.append([broadcast("b1"), broadcast("b2")])
     # Nothing sent to dave, nothing read by him: deleting is his first act.

@@ -80,8 +80,9 @@ class Stored:
         created_at_ns: the stored creation time (the first message's, for a duplicate).
         duplicate: true if the idempotency key matched an earlier message; nothing new was
             stored and there is nothing new to deliver.
-        unread: recipient → their unread count right after this message was stored (filled by
-            stores that can tell within the same transaction; empty otherwise).
+        unread: recipient → their unread count once the whole write is stored, every
+            broadcast of the write included (filled by stores that can tell within the same
+            transaction; empty otherwise).
     """
 
     id: str

@@ -288,8 +288,8 @@ class UserClient:
             self._queue.get_nowait()
         self._queue.put_nowait(_END)
         self._session_changed.set()
-        if task is not None and inside:
-            task.cancel()  # it ends at its next wait, once the callback returns
+        # Inside: the task ends by itself, its stream's call ended with the channels (and
+        # _emit hands nothing more to the callbacks).
 
     async def wait_closed(self) -> None:
         """Wait until the client is closed or stops on an error it cannot recover from.
@@ -555,7 +555,7 @@ class UserClient:
     async def _run(self) -> None:
         failures = 0
         try:
-            while True:
+            while not self._closed:  # closed from a callback, the task ends here
                 try:
                     reply = await self._gate_connect()
                 except ClientError as err:
@@ -591,6 +591,8 @@ class UserClient:
                 pause = outcome.retry_after
                 if pause is None:
                     pause = self._backoff.delay(failures)
+                if self._closed:
+                    return
                 if outcome.established:
                     log.info("stream ended (%s); reconnecting in %.2f s", outcome.reason, pause)
                     await self._emit(Disconnected(outcome.reason, pause, outcome.error))
@@ -802,6 +804,8 @@ class UserClient:
     # Handing events to the application.
 
     async def _emit(self, event: Event) -> None:
+        if self._closed:
+            return  # closed from a callback: the rest of the event is not handed out
         if not self._callbacks:
             await self._queue.put(event)
             return
