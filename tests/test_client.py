@@ -316,6 +316,28 @@ async def test_an_unreachable_node_is_skipped_for_the_fallback() -> None:
 
 
 @pytest.mark.unit
+async def test_a_node_that_hangs_leaves_time_for_the_fallback_on_the_first_connect() -> None:
+    async def hung(request: Any) -> AsyncIterator[Any]:
+        await hold()  # accepts the stream, never welcomes
+        yield welcome()
+
+    async def script(request: Any) -> AsyncIterator[Any]:
+        yield welcome()
+        await hold()
+
+    node, hanging = FakeNode(script), FakeNode(hung)  # type: ignore[abstract]
+    async with serve(node) as node_address, serve(hanging) as hanging_address:
+        fallback = gate_pb2.NodeAddress(node_id="fake-node", address=node_address)
+        gate = FakeGate(hanging_address, fallbacks=[fallback])  # type: ignore[abstract]
+        async with (
+            serve(gate) as gate_address,
+            UserClient(gate_address, "jwt", connect_timeout=4) as client,
+        ):
+            assert client.node_id == "fake-node"
+            assert len(hanging.subscribes) == 1 and len(node.subscribes) == 1
+
+
+@pytest.mark.unit
 async def test_the_session_is_renewed_before_it_expires() -> None:
     async def script(request: Any) -> AsyncIterator[Any]:
         yield welcome()

@@ -163,8 +163,9 @@ class UserClient:
             off.
         on_unread: Called with each new unread count.
         on_connection: Called with each :class:`Connected` and :class:`Disconnected`.
-        connect_timeout: Seconds that entering (or :meth:`connect`) and each node's answer to a
-            subscribe may take.
+        connect_timeout: Seconds that entering (or :meth:`connect`) may take; the nodes the Gate
+            names (its choice, then the fallbacks) each get an equal share of it to answer a
+            subscribe, so one that hangs leaves time to try the next.
         timeout: Seconds each call (send, inbox, Gate) may take.
         max_buffered: Events held for :meth:`events` before the client stops reading the stream;
             the node then ends the stream as a slow consumer and the client resumes from the
@@ -574,8 +575,9 @@ class UserClient:
                 outcome = _Outcome("no_node", unreachable=True)
                 targets = [(reply.node_id, reply.node_address)]
                 targets += [(f.node_id, f.address) for f in reply.fallbacks]
+                share = self._connect_timeout / len(targets)
                 for node_id, address in targets:
-                    outcome = await self._stream(reply, node_id, address)
+                    outcome = await self._stream(reply, node_id, address, share)
                     if not outcome.unreachable:
                         break
                     log.info("node %s at %s unreachable (%s)", node_id, address, outcome.error)
@@ -645,7 +647,7 @@ class UserClient:
                 self._session = None
 
     async def _stream(
-        self, reply: gate_pb2.ConnectResponse, node_id: str, address: str
+        self, reply: gate_pb2.ConnectResponse, node_id: str, address: str, answer_within: float
     ) -> _Outcome:
         """Subscribe on one node and deliver until the stream ends; say how it ended."""
         request = node_pb2.SubscribeRequest()
@@ -664,7 +666,7 @@ class UserClient:
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that lands as the read completes, and close() would then wait forever.
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(answer_within):
                     first = await call.read()
             except TimeoutError:
                 return _Outcome(
