@@ -111,6 +111,8 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
 # How long a reconnecting EventSource waits, in milliseconds (browsers default to about 3 s).
 SSE_RETRY_MS = 2000
+# Seconds a closing gateway gives its event streams to forward what their node sent last.
+STREAMS_END_WITHIN = 1.0
 
 _SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -513,6 +515,7 @@ class RestGateway:
         self._channel: grpc.aio.Channel | None = None
         self._calls: dict[str, Any] = {}
         self._streams: set[grpc.aio.UnaryStreamCall[Any, Any]] = set()
+        self._no_streams = asyncio.Event()
         self._closing = False
         self._document: bytes | None = None
 
@@ -580,6 +583,12 @@ class RestGateway:
             yield
         finally:
             self._closing = True
+            # A stream whose node side has ended (a drain's reconnect hint) still has its last
+            # events to forward: a moment for that before the rest are cut.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STREAMS_END_WITHIN):
+                    if self._streams:
+                        await self._no_streams.wait()
             channel, self._channel = self._channel, None
             for call in list(self._streams):
                 call.cancel()
@@ -719,6 +728,7 @@ class RestGateway:
         ndjson = _wants_ndjson(request.headers.get("accept", ""))
         call = self._callable(route)(message, metadata=metadata)
         self._streams.add(call)
+        self._no_streams.clear()
         # Wait for the first event before answering, so that a call refused at once (bad token,
         # bad cursor) gets its own HTTP status instead of a 200 with an error inside.
         try:
@@ -741,6 +751,8 @@ class RestGateway:
 
     def _end_stream(self, call: Any) -> None:
         self._streams.discard(call)
+        if not self._streams:
+            self._no_streams.set()
         call.cancel()
 
     async def _frames(
