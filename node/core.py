@@ -330,7 +330,8 @@ class NodeCore:
             return await self._commit.submit(news)
         except StoreError as exc:
             raise Unavailable(
-                f"the message store failed, nothing was stored; retry: {exc}",
+                f"the message store failed; retry with the same idempotency_key, and the "
+                f"message is stored once: {exc}",
                 reason="STORE_UNAVAILABLE",
             ) from exc
 
@@ -346,6 +347,10 @@ class NodeCore:
         counted: set[str] = set()
         for new, result in zip(batch, stored, strict=True):
             if result.duplicate:
+                # A retry of a message already stored. Its first write may have failed after
+                # committing (MongoDB: the outcome of a commit can be unknown), and then nobody
+                # pushed it: the recipients' streams check the store.
+                envelopes.extend(self._check_store(new))
                 continue
             kinds[new.kind] = kinds.get(new.kind, 0) + 1
             if new.kind == Kind.BROADCAST:
@@ -440,6 +445,26 @@ class NodeCore:
                 self._push(envelope.recipient, envelope.message, unread)
             elif envelope.HasField("unread_count"):
                 self._unread.push(envelope.recipient, envelope.unread_count)
+
+    def _check_store(self, new: NewMessage) -> list[dispatcher_pb2.Envelope]:
+        """Make the streams of the message's recipients check the store, here at once; returns
+        the envelopes that ask other nodes to."""
+        if new.kind == Kind.BROADCAST:
+            self.resync()
+            return [
+                dispatcher_pb2.Envelope(broadcast=True, resync=True, origin_node_id=self.node_id)
+            ]
+        envelopes = []
+        for recipient in new.recipients:
+            for stream in self.pool.streams_of(recipient):
+                stream.resync()
+            if self._needs_relay(recipient):
+                envelopes.append(
+                    dispatcher_pb2.Envelope(
+                        recipient=recipient, resync=True, origin_node_id=self.node_id
+                    )
+                )
+        return envelopes
 
     def _changed(self, user_id: str, unread: int) -> None:
         """The user's read state changed here: tell their devices, on this node and others."""

@@ -15,7 +15,7 @@ import pytest
 from node.commit import GroupCommit
 from node.convert import to_proto
 from node.core import NodeCore
-from node.store.base import Entry, Kind, NewMessage, Stored
+from node.store.base import Entry, Kind, NewMessage, Stored, StoreError
 from node.store.memory import MemoryStore
 from node.store.sqlite import SqliteStore
 from node.validate import Outgoing
@@ -192,7 +192,7 @@ async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_del
             return_exceptions=True,
         )
         assert all(isinstance(r, Unavailable) for r in results)
-        assert "nothing was stored" in str(results[0])
+        assert "retry with the same idempotency_key" in str(results[0])
         store.fail_writes = False
         await core.send("alice", [outgoing("bob", "after")])
         await reader.until(lambda r: r.seqs() == [1])
@@ -521,3 +521,38 @@ async def test_streams_cut_as_too_slow_count_against_the_limit_until_they_end() 
         await third.until(replayed)
         await second.stop()
         await third.stop()
+
+
+class _CommitsThenFails(SqliteStore):
+    """A store whose next write commits and then reports a failure, as a MongoDB commit whose
+    answer is lost."""
+
+    lose_answer = False
+
+    async def append(self, batch: Sequence[NewMessage]) -> list[Stored]:
+        stored = await super().append(batch)
+        if self.lose_answer:
+            self.lose_answer = False
+            raise StoreError("connection closed after the commit was sent")
+        return stored
+
+
+async def test_a_retry_of_a_write_whose_answer_was_lost_reaches_the_streams(
+    tmp_path: Path,
+) -> None:
+    store = _CommitsThenFails(str(tmp_path / "pigeon.db"))
+    await store.open()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
+        bob = Reader(core.subscribe("bob", None, None))
+        stack.push_async_callback(bob.stop)
+        await bob.until(replayed)
+        store.lose_answer = True
+        message = Outgoing(to=("bob",), title="", body="once", metadata={}, idempotency_key="k1")
+        with pytest.raises(Unavailable):
+            await core.send("alice", [message])
+        # Stored, but nobody pushed it. The sender retries with the same key: a duplicate.
+        [again] = await core.send("alice", [message])
+        assert again.duplicate
+        await bob.until(lambda r: r.seqs() == [1])
