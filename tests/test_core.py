@@ -459,17 +459,24 @@ async def test_a_broadcast_during_a_count_read_is_not_lost(tmp_path: Path) -> No
         await store.close()
 
 
+async def _bob_on(stack: contextlib.AsyncExitStack, store: SqliteStore) -> tuple[NodeCore, Reader]:
+    """A core on the (unopened) store, and bob's live stream on it; all closed with stack."""
+    await store.open()
+    stack.push_async_callback(store.close)
+    core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
+    bob = Reader(core.subscribe("bob", None, None))
+    stack.push_async_callback(bob.stop)
+    await bob.until(replayed)
+    return core, bob
+
+
 async def test_a_stream_far_behind_gets_past_a_stretch_of_deleted_messages(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr("node.core.FILL_LIMIT", 3)
     store = SqliteStore(str(tmp_path / "pigeon.db"))
-    await store.open()
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(store.close)
-        core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
-        bob = Reader(core.subscribe("bob", None, None))
-        await bob.until(replayed)
+        core, bob = await _bob_on(stack, store)
         # Stored elsewhere, never relayed here; bob deleted the first three on another device.
         others = [
             NewMessage(f"other-{i}", "carol", Kind.USER, ("bob",), "", f"o{i}", {}, i)
@@ -481,7 +488,6 @@ async def test_a_stream_far_behind_gets_past_a_stretch_of_deleted_messages(
         # The next message shows the gap; the first stretch read holds nothing to send.
         await core.send("alice", [outgoing("bob", "live")])
         await bob.until(lambda r: r.seqs() == [4, 5, 6])
-        await bob.stop()
 
 
 async def test_a_stream_opened_while_the_node_drains_is_told_to_reconnect() -> None:
@@ -541,13 +547,8 @@ async def test_a_retry_of_a_write_whose_answer_was_lost_reaches_the_streams(
     tmp_path: Path,
 ) -> None:
     store = _CommitsThenFails(str(tmp_path / "pigeon.db"))
-    await store.open()
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(store.close)
-        core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
-        bob = Reader(core.subscribe("bob", None, None))
-        stack.push_async_callback(bob.stop)
-        await bob.until(replayed)
+        core, bob = await _bob_on(stack, store)
         store.lose_answer = True
         message = Outgoing(to=("bob",), title="", body="once", metadata={}, idempotency_key="k1")
         with pytest.raises(Unavailable):
