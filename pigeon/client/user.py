@@ -143,7 +143,10 @@ class UserClient:
 
             asyncio.run(main())
 
-    With callbacks instead of :meth:`events` (sync or async functions, called in order):
+    With callbacks instead of :meth:`events` (sync or async functions, called in order). They run
+    in the client's stream task: a callback that awaits a call of the client (``mark_read``,
+    ``send``) while the stream reconnects holds up the reconnect, and the call waits out its
+    timeout; start such calls in a task of your own (``asyncio.create_task``):
 
     .. code-block:: python
 
