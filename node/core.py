@@ -143,6 +143,8 @@ class _Unread:
 
     def push(self, user_id: str, count: int) -> None:
         """A count already known (from a change on this node or another) goes out at once."""
+        if not self._pool.holds(user_id):
+            return  # nothing kept for users without a stream here
         self.settle(user_id, count)
         for stream in self._pool.streams_of(user_id):
             stream.push((), count)
@@ -150,8 +152,6 @@ class _Unread:
     def settle(self, user_id: str, count: int) -> None:
         """The count is known and on its way (in the same event as the messages)."""
         self._dirty.pop(user_id, None)
-        if not self._pool.holds(user_id):
-            return  # nothing kept for users without a stream here
         self._changed(user_id)
         self._last[user_id] = count
 
@@ -344,7 +344,6 @@ class NodeCore:
         broadcasts: list[dispatcher_pb2.Envelope] = []
         envelopes: list[dispatcher_pb2.Envelope] = []
         kinds: dict[Kind, int] = {}
-        counted: set[str] = set()
         for new, result in zip(batch, stored, strict=True):
             if result.duplicate:
                 # A retry of a message already stored. Its first write may have failed after
@@ -366,9 +365,6 @@ class NodeCore:
                 message = _wire(new, result.seqs[recipient], recipient)
                 unread = result.unread.get(recipient)
                 self._push(recipient, message, unread)
-                if unread is not None:
-                    # The store counts every broadcast of the write, also those after this.
-                    counted.add(recipient)
                 if not self._needs_relay(recipient):
                     continue
                 envelope = dispatcher_pb2.Envelope(
@@ -380,7 +376,8 @@ class NodeCore:
         for kind, count in kinds.items():
             _STORED_BY_KIND[kind].inc(count)
         if kinds.get(Kind.BROADCAST):
-            self._counted |= counted
+            # The counts the store gave with this write's messages include its broadcasts.
+            self._counted.update(user for result in stored for user in result.unread)
         if broadcasts or envelopes:
             self.relay.relay(broadcasts + envelopes)
         return stored

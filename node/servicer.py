@@ -102,12 +102,8 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         )
 
 
-_READ = {
-    v.number: v.name for v in node_pb2.ReadFilter.DESCRIPTOR.values if v.number in set(ReadFilter)
-}
-_KINDS = {
-    v.number: v.name for v in types_pb2.MessageKind.DESCRIPTOR.values if v.number in set(Kind)
-}
+_READ = {f.value: node_pb2.ReadFilter.DESCRIPTOR.values_by_number[f.value].name for f in ReadFilter}
+_KINDS = {k.value: types_pb2.MessageKind.DESCRIPTOR.values_by_number[k.value].name for k in Kind}
 
 
 def _known(value: int, names: Mapping[int, str], field: str) -> int:

@@ -398,28 +398,33 @@ def _counts(reader: Reader) -> list[int]:
     return [e.unread_count for e in reader.events if e.HasField("unread_count")]
 
 
+async def _bob_on(stack: contextlib.AsyncExitStack, store: SqliteStore) -> tuple[NodeCore, Reader]:
+    """A core on the (unopened) store, and bob's live stream on it; all closed with stack."""
+    await store.open()
+    stack.push_async_callback(store.close)
+    core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
+    bob = Reader(core.subscribe("bob", None, None))
+    stack.push_async_callback(bob.stop)
+    await bob.until(replayed)
+    return core, bob
+
+
 async def test_a_broadcast_stored_in_one_write_with_a_message_is_counted_once(
     tmp_path: Path,
 ) -> None:
     store = SqliteStore(str(tmp_path / "pigeon.db"))
-    await store.open()
-    try:
-        async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
-            bob = Reader(core.subscribe("bob", None, None))
-            await bob.until(replayed)
-            # One write: the count sent with bob's message includes the broadcast already.
-            await core.publish(
-                [
-                    Outgoing(to=("bob",), title="", body="for bob", metadata={}),
-                    Outgoing(to=(), title="", body="all", metadata={}, broadcast=True),
-                ]
-            )
-            # The broadcast and its count come in one event, after the message's.
-            await bob.until(lambda r: len(r.seqs()) == 2)
-            assert _counts(bob)[-1] == await store.unread_count("bob") == 2
-            await bob.stop()
-    finally:
-        await store.close()
+    async with contextlib.AsyncExitStack() as stack:
+        core, bob = await _bob_on(stack, store)
+        # One write: the count sent with bob's message includes the broadcast already.
+        await core.publish(
+            [
+                Outgoing(to=("bob",), title="", body="for bob", metadata={}),
+                Outgoing(to=(), title="", body="all", metadata={}, broadcast=True),
+            ]
+        )
+        # The broadcast and its count come in one event, after the message's.
+        await bob.until(lambda r: len(r.seqs()) == 2)
+        assert _counts(bob)[-1] == await store.unread_count("bob") == 2
 
 
 class _CountsLater(SqliteStore):
@@ -439,35 +444,17 @@ class _CountsLater(SqliteStore):
 
 async def test_a_broadcast_during_a_count_read_is_not_lost(tmp_path: Path) -> None:
     store = _CountsLater(str(tmp_path / "pigeon.db"))
-    await store.open()
-    try:
-        async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
-            bob = Reader(core.subscribe("bob", None, None))
-            await bob.until(replayed)
-            store.gate = asyncio.Event()
-            await core.send("alice", [outgoing("bob", "to count")])  # bob's count is read...
-            await bob.until(lambda r: len(r.seqs()) == 1)
-            # ...and a broadcast comes before the read returns: 1 + 1 unread, not 0 + 1.
-            await core.publish([Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)])
-            await bob.until(lambda r: len(r.seqs()) == 2)
-            store.gate.set()
-            await bob.until(lambda r: _counts(r)[-1] == 2)
-            await asyncio.sleep(0.2)
-            assert _counts(bob)[-1] == await store.unread_count("bob") == 2
-            await bob.stop()
-    finally:
-        await store.close()
-
-
-async def _bob_on(stack: contextlib.AsyncExitStack, store: SqliteStore) -> tuple[NodeCore, Reader]:
-    """A core on the (unopened) store, and bob's live stream on it; all closed with stack."""
-    await store.open()
-    stack.push_async_callback(store.close)
-    core = await stack.enter_async_context(NodeCore(store, node_id="n1", heartbeat_interval=5))
-    bob = Reader(core.subscribe("bob", None, None))
-    stack.push_async_callback(bob.stop)
-    await bob.until(replayed)
-    return core, bob
+    async with contextlib.AsyncExitStack() as stack:
+        core, bob = await _bob_on(stack, store)
+        store.gate = asyncio.Event()
+        await core.send("alice", [outgoing("bob", "to count")])  # bob's count is read...
+        await bob.until(lambda r: len(r.seqs()) == 1)
+        # ...and a broadcast comes before the read returns: 1 + 1 unread, not 0 + 1.
+        await core.publish([Outgoing(to=(), title="", body="all", metadata={}, broadcast=True)])
+        await bob.until(lambda r: len(r.seqs()) == 2)
+        store.gate.set()
+        await bob.until(lambda r: _counts(r)[-1] == 2)
+        assert _counts(bob)[-1] == await store.unread_count("bob") == 2
 
 
 async def test_a_stream_far_behind_gets_past_a_stretch_of_deleted_messages(

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from pigeon.local import LocalCluster
+from pigeon.local import LocalCluster, ServiceProcess
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2
 from tests.cluster_client import ClusterClient
+from tests.node_harness import Listener
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +40,18 @@ async def all_seqs(client: ClusterClient, user: str) -> list[int]:
             return sorted(seqs)
 
 
+def replayed(listener: Listener) -> bool:
+    return any(e.HasField("replay_done") for e in listener.events)
+
+
+async def stops_with_the_draining_hint(listener: Listener, node: ServiceProcess) -> None:
+    """The stream ends with a hint to reconnect elsewhere, and the node exits with 0."""
+    await listener.wait(lambda lst: lst.task.done(), timeout=15)
+    hints = [e.reconnect.reason for e in listener.events if e.HasField("reconnect")]
+    assert hints == ["draining"]
+    assert node.process is not None and node.process.wait(15) == 0
+
+
 async def test_concurrent_senders_on_two_nodes_give_one_recipient_a_gapless_seq(
     cluster: LocalCluster,
 ) -> None:
@@ -63,7 +76,7 @@ async def test_sigterm_drains_streams_to_other_nodes_and_loses_nothing(
     try:
         a, b = cluster.nodes
         listener = client.subscribe(a, "drained")
-        await listener.wait(lambda lst: any(e.HasField("replay_done") for e in lst.events))
+        await listener.wait(replayed)
         acknowledged: list[str] = []
 
         async def traffic() -> None:
@@ -74,11 +87,7 @@ async def test_sigterm_drains_streams_to_other_nodes_and_loses_nothing(
         sending = asyncio.create_task(traffic())
         await listener.wait(lambda lst: len(lst.messages) >= 20)
         a.signal(signal.SIGTERM)
-        # The stream ends with a hint to reconnect elsewhere.
-        await listener.wait(lambda lst: lst.task.done(), timeout=15)
-        hints = [e.reconnect.reason for e in listener.events if e.HasField("reconnect")]
-        assert hints == ["draining"]
-        assert a.process is not None and a.process.wait(15) == 0
+        await stops_with_the_draining_hint(listener, a)
         # The node left the Gates' view at once, without waiting for its lease.
         channel = grpc.aio.insecure_channel(cluster.gate.address)
         listed = await gate_pb2_grpc.GateStub(channel).ListNodes(
@@ -91,7 +100,7 @@ async def test_sigterm_drains_streams_to_other_nodes_and_loses_nothing(
         # Resuming on the other node from the last cursor gets the rest, with no gap.
         cursor = max(e.cursor.seq for e in listener.events if e.HasField("cursor"))
         resumed = client.subscribe(b, "drained", since=cursor)
-        await resumed.wait(lambda lst: any(e.HasField("replay_done") for e in lst.events))
+        await resumed.wait(replayed)
         got = [m.seq for m in listener.messages if m.seq <= cursor] + [
             m.seq for m in resumed.messages
         ]
@@ -109,14 +118,10 @@ async def test_a_node_stopped_while_etcd_is_down_still_drains_its_streams(
     try:
         a, _ = cluster.nodes
         listener = client.subscribe(a, "stranded")
-        await listener.wait(lambda lst: any(e.HasField("replay_done") for e in lst.events))
+        await listener.wait(replayed)
         await asyncio.to_thread(cluster.etcd.stop)
         a.signal(signal.SIGTERM)
-        # The node cannot leave etcd's view (its lease ends it), but its streams still get the
-        # hint to reconnect elsewhere, and it stops cleanly.
-        await listener.wait(lambda lst: lst.task.done(), timeout=15)
-        hints = [e.reconnect.reason for e in listener.events if e.HasField("reconnect")]
-        assert hints == ["draining"]
-        assert a.process is not None and a.process.wait(15) == 0
+        # The node cannot leave etcd's view (its lease ends it), but it drains all the same.
+        await stops_with_the_draining_hint(listener, a)
     finally:
         await client.close()
