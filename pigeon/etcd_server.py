@@ -115,6 +115,10 @@ class EtcdServer:
         client_port: the client (gRPC + HTTP) port; 0 picks a free port.
         peer_port: the peer (raft) port; 0 picks a free port.
         name: the member name.
+        initial_cluster: every member of a new multi-member cluster, ``name=peer_url,...``;
+            by default this one alone.
+        advertise_peer_url: the peer URL the other members use to reach this one (a proxy in
+            front of it, say); by default the one it listens on.
         extra_args: more command-line flags passed to etcd as they are.
     """
 
@@ -126,6 +130,8 @@ class EtcdServer:
         client_port: int = 0,
         peer_port: int = 0,
         name: str = "pigeon",
+        initial_cluster: str | None = None,
+        advertise_peer_url: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
@@ -135,6 +141,8 @@ class EtcdServer:
         self.peer_port = peer_port or free_port(host)
         while self.peer_port == self.client_port:
             self.peer_port = free_port(host)
+        self.initial_cluster = initial_cluster
+        self.advertise_peer_url = advertise_peer_url
         self.extra_args = tuple(extra_args)
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
         self._proc: subprocess.Popen[bytes] | None = None
@@ -175,8 +183,8 @@ class EtcdServer:
             f"--listen-client-urls={self.client_url}",
             f"--advertise-client-urls={self.client_url}",
             f"--listen-peer-urls={self.peer_url}",
-            f"--initial-advertise-peer-urls={self.peer_url}",
-            f"--initial-cluster={self.name}={self.peer_url}",
+            f"--initial-advertise-peer-urls={self.advertise_peer_url or self.peer_url}",
+            f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             "--log-level=error",
             # Durability across power loss is not what a test or local cluster needs; speed is.
             "--unsafe-no-fsync",

@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
 import aetcd
@@ -75,6 +75,25 @@ def _parse_endpoint(endpoint: str) -> tuple[str, int]:
     return (f"[{host}]" if ":" in host else host), port
 
 
+# etcd answers a call carrying this with "no leader" (UNAVAILABLE) when the member it reaches has
+# lost its leader, and ends such watch streams after a few election timeouts without one. Without
+# it, a member cut off from the rest of the cluster keeps a watch open and silent for ever, and the
+# client never moves to an endpoint that sees the changes.
+_REQUIRE_LEADER: Final = ("hasleader", "true")
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]
+    """An aetcd client whose calls and watches all require the member to have a leader."""
+
+    async def connect(self) -> None:
+        await super().connect()
+        metadata: tuple[tuple[str, str], ...] = getattr(self, "metadata", None) or ()
+        if _REQUIRE_LEADER not in metadata:
+            self.metadata = (*metadata, _REQUIRE_LEADER)
+            # aetcd hands the watcher the metadata when it creates it, inside connect().
+            self._watcher._metadata = self.metadata
+
+
 class _Connection:
     """One aetcd client at a time over a list of endpoints, rotating on failure."""
 
@@ -100,7 +119,7 @@ class _Connection:
         if self._client is None:
             host, port = self._endpoints[self._index]
             # Without timeout= a call to a frozen etcd never returns.
-            self._client = aetcd.Client(
+            self._client = _Client(
                 host=host, port=port, timeout=self._timeout, options=_CHANNEL_OPTIONS
             )
         return self._client

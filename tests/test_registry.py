@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
+import re
 import socket
 import sys
 import time
@@ -404,3 +407,108 @@ async def test_watch_and_registration_use_the_next_endpoint_when_one_is_down(
         PrefixWatch([dead, etcd.endpoint], PREFIX, retry_interval=0.1) as w,
     ):
         await w.wait_for(lambda view: view.get(KEY) == b"v", timeout=5)
+
+
+class PeerNetwork:
+    """TCP proxies in front of the peer ports of an etcd cluster's members, each member advertised
+    through its own, so that one member can be cut off: isolate(i) drops every peer connection to
+    member i and every one from it (etcd names the dialing member in each peer request's
+    X-Server-From header), while its clients still reach it."""
+
+    def __init__(self, members: list[EtcdServer]) -> None:
+        self.ports = [free_port() for _ in members]
+        self._targets = [m.peer_port for m in members]
+        self._servers: list[asyncio.Server] = []
+        # Open connections: (proxy index, dialing member id or None, the two writers).
+        self._open: list[tuple[int, str | None, asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._cut: tuple[int, str] | None = None
+
+    def url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.ports[index]}"
+
+    async def __aenter__(self) -> PeerNetwork:
+        for index, port in enumerate(self.ports):
+            relay = functools.partial(self._relay, index)
+            self._servers.append(await asyncio.start_server(relay, "127.0.0.1", port))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for server in self._servers:
+            server.close()
+        for _, _, a, b in self._open:
+            a.transport.abort()
+            b.transport.abort()
+        for server in self._servers:
+            await server.wait_closed()
+
+    def isolate(self, index: int, member_id: str) -> None:
+        self._cut = (index, member_id)
+        for entry in list(self._open):
+            if self._severed(entry[0], entry[1]):
+                entry[2].transport.abort()
+                entry[3].transport.abort()
+
+    def _severed(self, index: int, origin: str | None) -> bool:
+        return self._cut is not None and (index == self._cut[0] or origin == self._cut[1])
+
+    async def _relay(
+        self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._targets[index])
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.transport.abort()
+            return
+        found = re.search(rb"(?im)^x-server-from:\s*([0-9a-f]+)", head)
+        origin = found.group(1).decode() if found else None
+        if self._severed(index, origin):
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        entry = (index, origin, writer, up_writer)
+        self._open.append(entry)
+        up_writer.write(head)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.transport.abort()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._open.remove(entry)
+
+
+async def test_watch_moves_to_another_member_when_its_member_loses_the_leader(
+    tmp_path: Path,
+) -> None:
+    # Three members with fast elections, each reached by the others through a proxy.
+    timing = ("--heartbeat-interval=50", "--election-timeout=500")
+    members = [EtcdServer(tmp_path / f"m{i}", name=f"m{i}", extra_args=timing) for i in range(3)]
+    async with PeerNetwork(members) as network:
+        cluster = ",".join(f"{m.name}={network.url(i)}" for i, m in enumerate(members))
+        for i, member in enumerate(members):
+            member.initial_cluster, member.advertise_peer_url = cluster, network.url(i)
+        client = client_for(members[0])
+        try:
+            # Each member waits for the others to be healthy.
+            await asyncio.gather(*(asyncio.to_thread(m.start, 30) for m in members))
+            await retry(lambda: client.put(b"/pigeon/nodes/a", b"A"), within=10)
+            ids = {m.name: f"{m.id:x}" async for m in client.members()}
+            endpoints = [members[2].endpoint, members[0].endpoint, members[1].endpoint]
+            async with PrefixWatch(endpoints, PREFIX, retry_interval=0.2) as w:
+                await w.wait_for(lambda view: "/pigeon/nodes/a" in view, timeout=10)
+                network.isolate(2, ids["m2"])
+                await retry(lambda: client.put(b"/pigeon/nodes/b", b"B"), within=10)
+                # The cut-off member never hears of b: only a watch that leaves it sees it.
+                await w.wait_for(lambda view: "/pigeon/nodes/b" in view, timeout=15)
+                assert w.view == {"/pigeon/nodes/a": b"A", "/pigeon/nodes/b": b"B"}
+                await wait_until(lambda: w.connected, 10, "the watch to be back")
+        finally:
+            await client.close()
+            for member in members:
+                await asyncio.to_thread(member.stop)
