@@ -135,7 +135,11 @@ class CommonConfig:
 
     etcd_endpoints: list[str] = field(
         default_factory=lambda: ["127.0.0.1:2379"],
-        metadata=_rules("etcd endpoints as host:port, comma-separated", nonempty=True),
+        metadata=_rules(
+            "etcd endpoints as host:port, comma-separated; on a failure, or when the member in"
+            " use has lost its leader, the next one is used",
+            nonempty=True,
+        ),
     )
     etcd_prefix: str = field(
         default="/pigeon/",
