@@ -20,8 +20,11 @@ import pytest
 
 from pigeon.auth import mint_user_token
 from pigeon.client import Message, UserClient
+from pigeon.errors import ResourceExhausted
+from pigeon.etcd_server import free_port
 from pigeon.local import LocalCluster
-from tests.test_client import fake_cluster, welcome
+from pigeon.v1 import gate_pb2
+from tests.test_client import FakeGate, FakeNode, fake_cluster, hold, replay_done, serve, welcome
 
 pytestmark = pytest.mark.integration
 
@@ -242,3 +245,136 @@ async def test_a_node_that_welcomes_then_fails_every_time_is_retried_with_growin
             listener.kill()
             await listener.process.wait()
     assert pauses == [40, 80, 100, 100]
+
+
+async def run_js(
+    tmp_path: Path, source: str, env: dict[str, str], timeout: float = 30
+) -> tuple[int, str, str]:
+    """Run a JavaScript module that imports the client as `PIGEON_JS`; exit code, stdout,
+    stderr."""
+    assert NODE is not None
+    script = tmp_path / "script.mjs"
+    script.write_text(source.replace("PIGEON_JS", (JS / "src" / "index.js").as_uri()))
+    return await run_to_end([NODE, str(script)], {"PATH": "/usr/bin:/bin", **env}, timeout)
+
+
+async def test_listen_ends_after_count_messages_even_when_one_event_carries_more(
+    cluster: LocalCluster, python_user: UserClient
+) -> None:
+    user = f"js-{uuid.uuid4().hex[:8]}"
+    for i in range(4):
+        await python_user.send(user, f"m{i}")
+    token = mint_user_token(cluster.secrets.jwt_secret, user)
+    # The replay hands all four over in one event; the listener stops after two.
+    args = ["listen", "--gate", cluster.gate.address, "--token", token, "--since", "0"]
+    assert NODE is not None
+    code, out, err = await run_to_end(
+        [NODE, str(CLI), *args, "--count", "2"], {"PATH": "/usr/bin:/bin"}, timeout=30
+    )
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e["body"] for e in events if e["type"] == "message"] == ["m0", "m1"]
+
+
+async def test_a_listener_that_throws_does_not_stop_delivery(
+    cluster: LocalCluster, python_user: UserClient, tmp_path: Path
+) -> None:
+    user = f"js-{uuid.uuid4().hex[:8]}"
+    for i in range(4):
+        await python_user.send(user, f"m{i}")
+    source = """
+        import { UserClient } from 'PIGEON_JS';
+        const client = new UserClient({
+          gate: process.env.GATE, token: process.env.TOKEN, cursor: { seq: 0 },
+        });
+        const seen = [];
+        client.on('message', (m) => {
+          seen.push(m.body);
+          if (seen.length === 1) throw new Error('a bug in the application');
+          if (seen.length === 4) {
+            client.close();
+            console.log(JSON.stringify({ seen, cursor: client.cursor }));
+          }
+        });
+        await client.connect();
+    """
+    env = {"GATE": cluster.gate.address, "TOKEN": mint_user_token(cluster.secrets.jwt_secret, user)}
+    # Exits by itself once closed: nothing of the client's keeps it running.
+    code, out, err = await run_js(tmp_path, source, env)
+    assert code == 0, err
+    assert json.loads(out) == {
+        "seen": ["m0", "m1", "m2", "m3"],
+        "cursor": {"seq": 4, "broadcast_seq": 0},
+    }
+    assert "a 'message' listener threw" in err and "a bug in the application" in err
+
+
+async def test_close_ends_a_backoff_wait_at_once(node_modules: None, tmp_path: Path) -> None:
+    source = """
+        import { UserClient } from 'PIGEON_JS';
+        Math.random = () => 1;  // each backoff wait at its bound: 0.5, 1, 2 s...
+        const client = new UserClient({
+          gate: process.env.GATE, token: 'jwt', connectTimeoutMs: 2000,
+        });
+        // The Gate refuses every connection; connect() gives up after 2 s, in a 2 s wait.
+        const error = await client.connect().catch((e) => e);
+        setImmediate(() => console.log(JSON.stringify({
+          code: error.code,
+          timers: process.getActiveResourcesInfo().filter((r) => r === 'Timeout').length,
+        })));
+    """
+    code, out, err = await run_js(tmp_path, source, {"GATE": f"127.0.0.1:{free_port()}"})
+    assert code == 0, err
+    assert json.loads(out) == {"code": 14, "timers": 0}
+
+
+async def test_a_node_that_hangs_leaves_time_for_the_fallback(
+    node_modules: None, tmp_path: Path
+) -> None:
+    async def hung(request: object) -> AsyncIterator[object]:
+        await hold()  # accepts the stream, never welcomes
+        yield welcome()
+
+    async def script(request: object) -> AsyncIterator[object]:
+        yield welcome()
+        yield replay_done()
+        await hold()
+
+    node, hanging = FakeNode(script), FakeNode(hung)  # type: ignore[abstract]
+    async with serve(node) as node_address, serve(hanging) as hanging_address:
+        fallback = gate_pb2.NodeAddress(node_id="fake-node", address=node_address)
+        gate = FakeGate(hanging_address, fallbacks=[fallback])  # type: ignore[abstract]
+        async with serve(gate) as gate_address:
+            source = """
+                import { UserClient } from 'PIGEON_JS';
+                const client = new UserClient({
+                  gate: process.env.GATE, token: 'jwt', connectTimeoutMs: 4000,
+                });
+                client.on('connected', (e) => console.log(JSON.stringify(e)));
+                await client.connect();
+                client.close();
+            """
+            code, out, err = await run_js(tmp_path, source, {"GATE": gate_address})
+    assert code == 0, err
+    assert json.loads(out)["address"] == node_address
+    assert len(hanging.subscribes) == 1 and len(node.subscribes) == 1
+
+
+async def test_errors_carry_the_wait_the_server_asks_for(
+    node_modules: None, tmp_path: Path
+) -> None:
+    async with fake_cluster() as (gate, _):
+        gate.refuse = ResourceExhausted("slow down", retry_after=2.5, reason="RATE_LIMITED")
+        source = """
+            import { UserClient, PigeonError } from 'PIGEON_JS';
+            const client = new UserClient({ gate: process.env.GATE, token: 'jwt' });
+            const error = await new Promise((resolve) => {
+              client.gate().Connect({ token: 'jwt' }, (e) => resolve(PigeonError.from(e)));
+            });
+            client.close();
+            const { code, reason, retryAfterMs } = error;
+            console.log(JSON.stringify({ code, reason, retryAfterMs }));
+        """
+        code, out, err = await run_js(tmp_path, source, {"GATE": gate.address})
+    assert code == 0, err
+    assert json.loads(out) == {"code": 8, "reason": "RATE_LIMITED", "retryAfterMs": 2500}

@@ -48,20 +48,26 @@ export function loadPigeon({ protoRoot = PROTO_ROOT, includeDirs = [GOOGLEAPIS_R
   return grpc.loadPackageDefinition(definition).pigeon.v1;
 }
 
-/** An error a Pigeon service sent: the gRPC code, its message and the ErrorInfo reason. */
+/**
+ * An error a Pigeon service sent: the gRPC code, its message, the ErrorInfo reason and metadata,
+ * and the wait its RetryInfo asks for before a retry (`retryAfterMs`, null without one).
+ */
 export class PigeonError extends Error {
-  constructor(message, { code = Status.UNKNOWN, reason = '', metadata = {} } = {}) {
+  constructor(message, {
+    code = Status.UNKNOWN, reason = '', metadata = {}, retryAfterMs = null,
+  } = {}) {
     super(message);
     this.name = 'PigeonError';
     this.code = code;
     this.reason = reason || (Status[code] ?? 'UNKNOWN');
     this.metadata = metadata;
+    this.retryAfterMs = retryAfterMs;
   }
 
   static from(error) {
     if (error instanceof PigeonError) return error;
     const details = error.metadata?.get?.('grpc-status-details-bin')?.[0];
-    let info = { reason: '', metadata: {} };
+    let info = {};
     if (Buffer.isBuffer(details)) {
       try {
         info = errorInfo(details);
@@ -106,11 +112,16 @@ function* fields(buffer) {
 }
 
 function errorInfo(status) {
-  const info = { reason: '', metadata: {} };
+  const info = { reason: '', metadata: {}, retryAfterMs: null };
   for (const [number, any] of fields(status)) {
     if (number !== 3) continue;
     const parts = Object.fromEntries(fields(any));
-    if (String(parts[1]) !== 'type.googleapis.com/google.rpc.ErrorInfo') continue;
+    const type = String(parts[1]);
+    if (type === 'type.googleapis.com/google.rpc.RetryInfo') {
+      const delay = Object.fromEntries(fields(Object.fromEntries(fields(parts[2]))[1] ?? []));
+      info.retryAfterMs = Number(delay[1] ?? 0n) * 1000 + Number(delay[2] ?? 0n) / 1e6;
+    }
+    if (type !== 'type.googleapis.com/google.rpc.ErrorInfo') continue;
     for (const [field, value] of fields(parts[2])) {
       if (field === 1) info.reason = String(value);
       if (field === 3) {
@@ -123,7 +134,6 @@ function errorInfo(status) {
 }
 
 const seconds = (duration) => (Number(duration?.seconds ?? 0) + (duration?.nanos ?? 0) / 1e9);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /**
  * A user's connection. Events: 'message' (each message once, in seq order per stream),
@@ -163,6 +173,7 @@ export class UserClient extends EventEmitter {
     this.call = null;
     this.interruptReason = null;
     this.gateIndex = 0;
+    this.pauses = new Set(); // the backoff waits in progress, ended early by close()
   }
 
   /** The position after the last message emitted; pass it back as `cursor` to resume later. */
@@ -199,6 +210,7 @@ export class UserClient extends EventEmitter {
     this.closed = true;
     this.call?.cancel();
     clearTimeout(this.refreshTimer);
+    for (const end of this.pauses) end();
     for (const client of this.clients.values()) client.close();
     this.clients.clear();
   }
@@ -256,7 +268,7 @@ export class UserClient extends EventEmitter {
       if (Date.now() > deadline) {
         throw new PigeonError('not connected to any node', { code: Status.UNAVAILABLE });
       }
-      await sleep(20);
+      await this.sleep(20);
     }
     return this.session;
   }
@@ -289,6 +301,30 @@ export class UserClient extends EventEmitter {
     return this.clients.get(key);
   }
 
+  // Wait ms, or less if the client is closed meanwhile (no timer keeps the process alive).
+  sleep(ms) {
+    if (this.closed) return Promise.resolve();
+    return new Promise((resolve) => {
+      const end = () => {
+        clearTimeout(timer);
+        this.pauses.delete(end);
+        resolve();
+      };
+      const timer = setTimeout(end, ms);
+      this.pauses.add(end);
+    });
+  }
+
+  // Hand an event to the application's listeners. A listener that throws is a bug in the
+  // application: it is reported and delivery goes on (the rest of the event, the stream).
+  deliver(name, value) {
+    try {
+      this.emit(name, value);
+    } catch (error) {
+      console.error(`pigeon: a '${name}' listener threw:`, error);
+    }
+  }
+
   delay(attempt) {
     const { initialMs, maxMs, multiplier } = this.backoff;
     // Full jitter: a random wait up to the exponential bound spreads a crowd of clients.
@@ -303,7 +339,7 @@ export class UserClient extends EventEmitter {
         reply = await this.connectGate();
       } catch (error) {
         if (PERMANENT.has(error.code)) return this.fail(error);
-        await sleep(this.delay(failures++));
+        await this.sleep(this.delay(failures++));
         continue;
       }
       let outcome = { unreachable: true };
@@ -311,9 +347,12 @@ export class UserClient extends EventEmitter {
         { node_id: reply.node_id, address: reply.node_address },
         ...reply.fallbacks,
       ];
+      // Each node gets an equal share of the time to welcome: one that accepts and never
+      // answers must leave time for the fallbacks within connect()'s limit.
+      const shareMs = this.connectTimeoutMs / targets.length;
       for (const target of targets) {
         if (this.closed) return undefined;
-        outcome = await this.stream(reply, target);
+        outcome = await this.stream(reply, target, shareMs);
         if (!outcome.unreachable) break;
       }
       if (this.closed) return undefined;
@@ -326,9 +365,9 @@ export class UserClient extends EventEmitter {
       failures = outcome.pastReplay ? 0 : failures + 1;
       const wait = outcome.retryAfterMs ?? this.delay(failures);
       if (outcome.established) {
-        this.emit('disconnected', { reason: outcome.reason, retryInMs: wait, error: outcome.error });
+        this.deliver('disconnected', { reason: outcome.reason, retryInMs: wait, error: outcome.error });
       }
-      await sleep(wait);
+      await this.sleep(wait);
     }
     return undefined;
   }
@@ -337,7 +376,7 @@ export class UserClient extends EventEmitter {
     this.failure = error;
     this.closed = true;
     this.emit('_failed', error);
-    if (this.listenerCount('error') > 0) this.emit('error', error);
+    if (this.listenerCount('error') > 0) this.deliver('error', error);
   }
 
   async connectGate() {
@@ -365,7 +404,7 @@ export class UserClient extends EventEmitter {
   }
 
   // Subscribe on one node and deliver until the stream ends; resolves with how it ended.
-  stream(reply, target) {
+  stream(reply, target, welcomeWithinMs) {
     return new Promise((resolve) => {
       const request = {};
       if (this.seq !== null) request.since_seq = this.seq;
@@ -380,7 +419,7 @@ export class UserClient extends EventEmitter {
       let live = false;
       let settled = false;
       let watchdog;
-      let silenceMs = this.connectTimeoutMs;
+      let silenceMs = welcomeWithinMs;
       const finish = (outcome) => {
         if (settled) return;
         settled = true;
@@ -421,7 +460,7 @@ export class UserClient extends EventEmitter {
           silenceMs = heartbeat * HEARTBEAT_SLACK * 1000;
           arm();
           this.scheduleRefresh(reply, this.generation);
-          this.emit('connected', {
+          this.deliver('connected', {
             nodeId: event.welcome.node_id || target.node_id,
             address: target.address,
             userId: event.welcome.user_id,
@@ -456,18 +495,19 @@ export class UserClient extends EventEmitter {
   // replayed messages may skip the seqs of deleted ones).
   accept(event, live) {
     for (const message of event.messages ?? []) {
+      if (this.closed) return true; // closed by a listener: the rest of the event is not handed out
       const broadcast = message.kind === 'MESSAGE_KIND_BROADCAST';
       const last = broadcast ? this.broadcastSeq : this.seq;
       if (last !== null && message.seq <= last) continue; // a duplicate
       if (live && last !== null && message.seq !== last + 1) return false;
       if (broadcast) this.broadcastSeq = message.seq;
       else this.seq = message.seq;
-      this.emit('message', message);
+      this.deliver('message', message);
     }
     const unread = event.unread_count;
-    if (unread !== undefined && unread !== null && unread !== this.unread) {
+    if (unread !== undefined && unread !== null && unread !== this.unread && !this.closed) {
       this.unread = unread;
-      this.emit('unread', unread);
+      this.deliver('unread', unread);
     }
     return true;
   }
