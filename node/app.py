@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from node.core import NodeCore
 from node.relay import DispatcherRelay
 from node.servicer import NodeServicer
-from node.store.base import Store
+from node.store.base import Store, StoreError
 from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
@@ -174,7 +174,7 @@ async def _serve(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m node`."""
-    return run_service(NodeConfig, serve, argv, prog="python -m node")
+    return run_service(NodeConfig, serve, argv, prog="python -m node", fatal=(StoreError,))
 
 
 if __name__ == "__main__":

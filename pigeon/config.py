@@ -223,8 +223,9 @@ class CommonConfig:
     tls_ca: str = field(
         default="",
         metadata=_rules(
-            "PEM file of the CA that signed the cluster's certificates; when set, calls to other "
-            "Pigeon processes (gate -> node, node -> dispatcher) use TLS and verify against it"
+            "PEM file of the CA that signed the cluster's certificates; calls to other Pigeon "
+            "processes (gate -> node, node -> dispatcher) use TLS and verify against it when set, "
+            "against the system's trusted roots when only tls_cert is"
         ),
     )
     user_rate: float = field(
@@ -271,6 +272,11 @@ class CommonConfig:
                 f"(set {env_var(missing)} or {_flag(missing)}, or unset {present})",
                 key=missing,
             )
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                reason = "no such file" if not os.path.exists(path) else "not readable"
+                raise ConfigError(f"bad value for {name}: {path!r}: {reason}", key=name)
 
     @property
     def advertised_host(self) -> str:

@@ -108,11 +108,13 @@ class ServiceProcess:
             ("grpc.initial_reconnect_backoff_ms", 50),
             ("grpc.max_reconnect_backoff_ms", 200),
         ]
-        ca = self.env.get("PIGEON_TLS_CA")
-        if ca:
-            credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes())
-            return grpc.secure_channel(self.address, credentials, options)
-        return grpc.insecure_channel(self.address, options)
+        if not self.env.get("PIGEON_TLS_CERT"):
+            return grpc.insecure_channel(self.address, options)
+        # Verified as the services verify each other: against tls_ca, else the trusted roots
+        # (gRPC's, which GRPC_DEFAULT_SSL_ROOTS_FILE_PATH in their environment replaces).
+        ca = self.env.get("PIGEON_TLS_CA") or self.env.get("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH")
+        credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes() if ca else None)
+        return grpc.secure_channel(self.address, credentials, options)
 
     def wait_healthy(self, timeout: float) -> None:
         """Wait until the gRPC health service says SERVING; raise with the log tail if not."""

@@ -20,6 +20,7 @@ from pigeon.config import CommonConfig, load_config
 from pigeon.errors import ConfigError
 from pigeon.http import HttpServer, base_routes
 from pigeon.ratelimit import RateLimiter
+from pigeon.registry import RegistryUnavailableError
 from pigeon.runtime import configure_logging, freeze_heap, rescan_heap, run, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
@@ -45,12 +46,15 @@ def run_service(
     argv: Sequence[str] | None,
     *,
     prog: str,
+    fatal: tuple[type[Exception], ...] = (),
 ) -> int:
     """The whole of `python -m <service>`: its settings, logging, then the service until a stop
     signal; returns the exit code.
 
     A bad setting, or a port that cannot be had, ends it with one line that names the setting
-    and exit code 2 (as a bad command line does), not a traceback.
+    and exit code 2 (as a bad command line does), not a traceback. etcd out of reach, a file
+    that cannot be read and the `fatal` errors (the store's, say) end it with one line and exit
+    code 1.
     """
     try:
         config = load_config(config_type, argv, prog=prog)
@@ -58,11 +62,17 @@ def run_service(
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format)
+    unmet: tuple[type[Exception], ...] = (RegistryUnavailableError, OSError, *fatal)
     try:
         return run(lambda: serve(config))
     except ConfigError as exc:
         log.critical("cannot start: %s", exc)
         return 2
+    except unmet as exc:
+        # What the service needs is not there (etcd, the store, a file): one line that says
+        # which, not a traceback; the services handle these themselves once running.
+        log.critical("cannot start: %s", exc)
+        return 1
 
 
 @dataclass
@@ -89,11 +99,14 @@ INTERNAL_CHANNEL_OPTIONS = [
 
 
 def channel_factory(config: CommonConfig) -> Callable[[str], grpc.aio.Channel]:
-    """How this process opens channels to other Pigeon processes: TLS verified against tls_ca
-    when it is set, plaintext otherwise."""
-    credentials = (
-        grpc.ssl_channel_credentials(Path(config.tls_ca).read_bytes()) if config.tls_ca else None
-    )
+    """How this process opens channels to other Pigeon processes (its own REST gateway too):
+    TLS verified against tls_ca when it is set, else TLS verified against the system's trusted
+    roots when this process listens with TLS (its peers then do too), else plaintext."""
+    credentials = None
+    if config.tls_ca:
+        credentials = grpc.ssl_channel_credentials(Path(config.tls_ca).read_bytes())
+    elif config.tls_cert:
+        credentials = grpc.ssl_channel_credentials()
 
     def make(address: str) -> grpc.aio.Channel:
         if credentials is None:
@@ -143,7 +156,9 @@ async def listen(
     Health says NOT_SERVING until the caller's set_serving(True): when it is registered and can
     be placed on.
     """
-    host = config.advertise_host or config.host
+    host = config.advertised_host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address, in host:port form
     async with contextlib.AsyncExitStack() as stack:
         grpc_server = await _bound(
             stack,

@@ -273,11 +273,15 @@ def test_algorithm_none_is_refused_from_env():
     assert "'none' (unsigned tokens) is never allowed" in err.message
 
 
-def test_tls_certificate_without_key_is_refused():
+def test_tls_certificate_without_key_is_refused(tmp_path):
     err = config_error(argv=["--tls-cert", "cert.pem"])
     assert err.key == "tls_key"
     assert "PIGEON_TLS_KEY" in err.message
-    assert load_config(NodeConfig, ["--tls-cert", "c.pem", "--tls-key", "k.pem"], {}).tls_key
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("certificate")
+    assert config_error(argv=["--tls-cert", str(cert), "--tls-key", str(key)]).key == "tls_key"
+    key.write_text("key")
+    assert load_config(NodeConfig, ["--tls-cert", str(cert), "--tls-key", str(key)], {}).tls_key
 
 
 def test_missing_config_file_names_where_its_path_came_from(tmp_path):

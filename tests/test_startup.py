@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pigeon.etcd_server import free_port
+from pigeon.etcd_server import EtcdServer, free_port
+from pigeon.membership import decode_dispatcher
+from pigeon.registry import PrefixWatch
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +24,12 @@ SECRETS = {
 }
 
 
-def start(service: str, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+def start(
+    service: str, *args: str, env: dict[str, str] | None = None, etcd: str = ""
+) -> tuple[int, str]:
     """Run `python -m service args` to its end; its exit code and its stderr."""
-    # Nothing answers on this etcd port: the start-up fails before it matters.
-    etcd = f"127.0.0.1:{free_port()}"
+    # By default nothing answers on the etcd port: the start-up fails before it matters.
+    etcd = etcd or f"127.0.0.1:{free_port()}"
     result = subprocess.run(
         [sys.executable, "-m", service, "--etcd-endpoints", etcd, *args],
         env={"PATH": "/usr/bin:/bin", **(SECRETS if env is None else env)},
@@ -79,3 +85,59 @@ def test_a_taken_port_names_the_setting_to_change(
     assert f"cannot listen on 127.0.0.1:{taken_port}: the port is taken" in stderr
     assert f"({variable}) to a free port" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("setting", ["--tls-ca", "--tls-cert"])
+def test_a_missing_tls_file_is_named_on_one_line(setting: str, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    args = [setting, str(missing)] + (
+        ["--tls-key", str(missing)] if setting == "--tls-cert" else []
+    )
+    code, stderr = start("gate", *args)
+    assert code == 2
+    name = setting.removeprefix("--").replace("-", "_")
+    assert stderr.strip().splitlines() == [
+        f"python -m gate: bad value for {name}: '{missing}': no such file"
+    ]
+
+
+def test_etcd_out_of_reach_ends_the_start_in_one_line() -> None:
+    code, stderr = start("dispatcher", "--port", "0", "--http-port", "0")
+    assert code == 1
+    [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
+    assert "cannot start: cannot register /pigeon/dispatchers/" in line
+    assert "Traceback" not in stderr
+
+
+def test_a_store_that_cannot_open_ends_the_start_in_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "no-such-folder" / "pigeon.db"
+    code, stderr = start("node", "--port", "0", "--http-port", "0", "--sqlite-path", str(path))
+    assert code == 1
+    [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
+    assert f"cannot start: cannot open SQLite store '{path}'" in line
+    assert "Traceback" not in stderr
+
+
+async def test_a_service_listening_on_every_address_advertises_the_host_name(
+    etcd: EtcdServer,
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "dispatcher", "--etcd-endpoints", etcd.endpoint],
+        *["--host", "0.0.0.0", "--port", "0", "--http-port", "0"],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with PrefixWatch([etcd.endpoint], "/pigeon/dispatchers/") as watch:
+            await watch.wait_for(lambda view: len(view) == 1, timeout=20)
+            [raw] = watch.view.values()
+        info = decode_dispatcher(raw)
+        assert info is not None
+        host, _, port = info.address.rpartition(":")
+        # Other machines cannot reach 0.0.0.0: the name of this one is what they are given.
+        assert host == socket.gethostname() and int(port) > 0
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()

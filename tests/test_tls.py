@@ -76,3 +76,30 @@ async def test_a_cluster_runs_entirely_over_tls(tmp_path: Path) -> None:
         async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tls.ca))) as http:
             reply = await http.get(f"https://{cluster.gate.http_address}/healthz", timeout=5)
             assert reply.status_code == 200
+
+
+async def test_without_a_ca_file_internal_calls_verify_against_the_trusted_roots(
+    tmp_path: Path,
+) -> None:
+    tls = make_certificates(tmp_path / "certs")
+    env = {
+        "PATH": "/usr/bin",
+        "PIGEON_TLS_CERT": str(tls.cert),
+        "PIGEON_TLS_KEY": str(tls.key),
+        # The machine's trusted roots, as gRPC finds them: here the test CA alone.
+        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": str(tls.ca),
+    }
+    with LocalCluster(tmp_path / "c", nodes=1, gate_port=0, gate_http_port=0, env=env) as cluster:
+        key = {"authorization": f"Bearer {cluster.secrets.api_key}"}
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(tls.ca))) as http:
+            # The Gate's REST gateway calls its own gRPC port, over TLS.
+            nodes = await http.get(f"https://{cluster.gate.http_address}/v1/nodes", headers=key)
+            assert nodes.status_code == 200, nodes.text
+            assert [n["nodeId"] for n in nodes.json()["nodes"]] == [cluster.nodes[0].name]
+            # And the Gate forwards a publish to the node over TLS.
+            published = await http.post(
+                f"https://{cluster.gate.http_address}/v1/publish",
+                headers=key,
+                json={"to": ["bob"], "body": "over tls"},
+            )
+            assert published.status_code == 200, published.text
