@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import fcntl
 import hashlib
 import hmac
 import json
@@ -29,6 +30,7 @@ from pigeon.runtime import cancel_and_wait
 if TYPE_CHECKING:
     # The client commands import the SDK when they run: `pigeon up` and `--help` stay fast.
     from pigeon.client import Event, Message, SystemClient, UserClient
+    from pigeon.local import LocalCluster
 
 __all__ = ["main"]
 
@@ -47,7 +49,32 @@ def _taken(port: int) -> bool:
 def _up(args: argparse.Namespace) -> int:
     from pigeon.local import LocalCluster
 
-    cluster = LocalCluster(
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # One cluster per data folder: a second one would wait on the first one's etcd data.
+    lock = (data_dir / "up.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        print(
+            f"pigeon up: a cluster is already running from {data_dir}/ (its Gate: "
+            f"{_noted_gate(args) or 'starting'}); stop it first, or give another --data-dir",
+            file=sys.stderr,
+        )
+        return 1
+    with lock:
+        return _up_locked(args, LocalCluster)
+
+
+def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> int:
+    # The Gate's ports are the only fixed ones (the rest are free ports): say which flag moves
+    # one that something else holds before starting anything.
+    for flag, port in (("--gate-port", args.gate_port), ("--gate-http-port", args.gate_http_port)):
+        if port and _taken(port):
+            print(f"pigeon up: port {port} is taken; choose another with {flag}", file=sys.stderr)
+            return 1
+    cluster = local_cluster(
         Path(args.data_dir),
         nodes=args.nodes,
         gate_port=args.gate_port,
@@ -59,24 +86,26 @@ def _up(args: argparse.Namespace) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    def interrupt_start(signum: int, _frame: object) -> None:
+        # The first signal ends the start-up (which stops what it started); later ones only ask
+        # for the stop that is already under way.
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_start)
+    signal.signal(signal.SIGTERM, interrupt_start)
     print("starting etcd, a dispatcher, the gate and", args.nodes, "nodes ...", flush=True)
     try:
         cluster.start(timeout=args.timeout)
+    except KeyboardInterrupt:
+        print("pigeon up: interrupted during start-up; everything it started is stopped.")
+        return EXIT_INTERRUPTED
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"pigeon up: start-up failed: {exc}", file=sys.stderr)
-        # The Gate's ports are the only fixed ones (the rest are free ports): say which flag moves
-        # one that something else holds.
-        for flag, port in (
-            ("--gate-port", args.gate_port),
-            ("--gate-http-port", args.gate_http_port),
-        ):
-            if port and _taken(port):
-                print(
-                    f"pigeon up: port {port} is taken; choose another with {flag}", file=sys.stderr
-                )
         return 1
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     s = cluster.secrets
     lines = [
         "",
@@ -124,11 +153,11 @@ def _up(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     from pigeon.auth import mint_user_token
 
-    secret = args.secret or os.environ.get("PIGEON_JWT_SECRET", "")
-    if not secret and (Path(args.data_dir) / "secrets.json").exists():
-        from pigeon.local import ClusterSecrets
-
-        secret = ClusterSecrets.load(Path(args.data_dir), os.environ).jwt_secret
+    secret = (
+        args.secret
+        or os.environ.get("PIGEON_JWT_SECRET", "")
+        or _secrets_file(args).get("jwt_secret", "")
+    )
     if not secret:
         print("pigeon token: no secret: set PIGEON_JWT_SECRET or pass --secret", file=sys.stderr)
         return 2
@@ -200,12 +229,17 @@ def _gate(args: argparse.Namespace) -> str:
         return str(args.gate)
     if os.environ.get("PIGEON_GATE"):
         return os.environ["PIGEON_GATE"]
+    return _noted_gate(args) or DEFAULT_GATE
+
+
+def _noted_gate(args: argparse.Namespace) -> str:
+    """The Gate of the `pigeon up` cluster in --data-dir ("" if there is none)."""
     try:
         noted = json.loads((Path(args.data_dir) / CLUSTER_FILE).read_text())
     except (OSError, ValueError):
         noted = {}
     gate = noted.get("gate") if isinstance(noted, dict) else None
-    return gate if isinstance(gate, str) and gate else DEFAULT_GATE
+    return gate if isinstance(gate, str) else ""
 
 
 def _user_token(args: argparse.Namespace) -> str:
@@ -482,25 +516,27 @@ async def _listen(args: argparse.Namespace) -> int:
                 if args.count and received >= args.count:
                     return
 
-    async with _user_client(args, cursor=cursor) as client:
-        reader = asyncio.create_task(show(client))
-        stopper = asyncio.create_task(stop.wait())
-        try:
-            await asyncio.wait(
-                {reader, stopper},
-                timeout=args.max_time,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            stopper.cancel()
-            await cancel_and_wait(reader)
-            if stop.is_set():
-                # Stopping is under way and bounded: another Ctrl-C (or a `timeout` that
-                # signals both the process and its group) must not turn the clean end into exit
-                # 130 once the loop has given SIGINT back to Python's default handler.
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(sig)
-                    signal.signal(sig, signal.SIG_IGN)
+    async def session() -> None:
+        async with _user_client(args, cursor=cursor) as client:
+            await show(client)
+
+    # Ctrl-C and --max-time end it while it connects too, not only once it is connected.
+    runner = asyncio.create_task(session())
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait(
+            {runner, stopper}, timeout=args.max_time, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        stopper.cancel()
+        await cancel_and_wait(runner)  # raises what ended it: refused, out of reach
+        if stop.is_set():
+            # Stopping is under way and bounded: another Ctrl-C (or a `timeout` that signals
+            # both the process and its group) must not turn the clean end into exit 130 once
+            # the loop has given SIGINT back to Python's default handler.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
     return EXIT_OK
 
 
@@ -538,7 +574,20 @@ async def _inbox_list(args: argparse.Namespace) -> int:
         )
     print(_table(rows, style))
     if page.next_page_token:
-        print(style.dim(f"more: pigeon inbox list --page-token {page.next_page_token}"))
+        # The same listing, next page: as printed, it runs.
+        again = ["pigeon", "inbox", "list"]
+        for flag, value in (
+            ("--as", args.as_user),
+            ("--sender", args.sender),
+            ("--kind", args.kind),
+        ):
+            if value:
+                again += [flag, value]
+        if args.limit != 20:
+            again += ["--limit", str(args.limit)]
+        again += ["--unread"] if args.unread else ["--read"] if args.read else []
+        again += ["--page-token", page.next_page_token]
+        print(style.dim(f"more: {shlex.join(again)}"))
     return EXIT_OK
 
 
@@ -677,6 +726,37 @@ def _run_client(
     return run
 
 
+def _whole(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [minimum, maximum]; anything else is a usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"{minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
+    return value
+
+
+_SEQ = _whole(0)
+_PORT = _whole(0, 65535)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pigeon", description="Pigeon: in-app messages, pushed to every device in real time."
@@ -695,19 +775,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     up.add_argument(
-        "--gate-port", type=int, default=7070, help="the Gate's gRPC port (default 7070)"
+        "--gate-port", type=_PORT, default=7070, help="the Gate's gRPC port (default 7070)"
     )
     up.add_argument(
-        "--gate-http-port", type=int, default=8070, help="the Gate's HTTP port (default 8070)"
+        "--gate-http-port", type=_PORT, default=8070, help="the Gate's HTTP port (default 8070)"
     )
-    up.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2)")
+    up.add_argument("--nodes", type=_whole(1), default=2, help="how many nodes (default 2)")
     up.add_argument(
         "--data-dir",
         default=".pigeon",
         help="where etcd, the node stores, the secrets and the logs live (default .pigeon)",
     )
     up.add_argument(
-        "--timeout", type=float, default=60, help="seconds to wait for start-up (default 60)"
+        "--timeout", type=_seconds, default=60, help="seconds to wait for start-up (default 60)"
     )
     up.set_defaults(run=_up)
 
@@ -718,7 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("user", help="the user id (the token's sub claim)")
     token.add_argument(
-        "--ttl", type=float, default=3600, help="seconds until it expires (default 3600)"
+        "--ttl", type=_seconds, default=3600, help="seconds until it expires (default 3600)"
     )
     token.add_argument("--secret", default="", help="the HS256 secret (default: PIGEON_JWT_SECRET)")
     token.add_argument(
@@ -755,7 +835,9 @@ def _env(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     values = {
-        "PIGEON_GATE": _gate(args),
+        # The cluster's own Gate, not a PIGEON_GATE exported earlier (by an earlier `pigeon env`
+        # of a cluster since restarted on other ports, say).
+        "PIGEON_GATE": _noted_gate(args) or DEFAULT_GATE,
         "PIGEON_JWT_SECRET": secrets_.get("jwt_secret", ""),
         "PIGEON_API_KEYS": secrets_.get("api_key", ""),
     }
@@ -789,7 +871,7 @@ def _connection_options(suppress: bool = False) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=_default(10.0, suppress),
         metavar="SECONDS",
         help="how long to try to reach the cluster (default 10)",
@@ -906,21 +988,21 @@ def _add_client_commands(commands: Any) -> None:
     )
     listen.add_argument(
         "--since",
-        type=int,
+        type=_SEQ,
         default=None,
         metavar="SEQ",
         help="first replay the inbox after this seq (0 replays it all; default: live only)",
     )
     listen.add_argument(
         "--since-broadcast",
-        type=int,
+        type=_SEQ,
         default=None,
         metavar="SEQ",
         help="first replay the broadcasts after this seq",
     )
-    listen.add_argument("--count", type=int, default=0, metavar="N", help="stop after N messages")
+    listen.add_argument("--count", type=_SEQ, default=0, metavar="N", help="stop after N messages")
     listen.add_argument(
-        "--max-time", type=float, default=None, metavar="SECONDS", help="stop after SECONDS"
+        "--max-time", type=_seconds, default=None, metavar="SECONDS", help="stop after SECONDS"
     )
     listen.set_defaults(run=_run_client(_listen))
 
@@ -959,9 +1041,9 @@ def _add_client_commands(commands: Any) -> None:
     )
     read.add_argument("ids", nargs="*", metavar="ID", help="message ids")
     read.add_argument("--all", action="store_true", help="mark everything read")
-    read.add_argument("--up-to", type=int, default=0, metavar="SEQ", help="inbox seqs up to SEQ")
+    read.add_argument("--up-to", type=_SEQ, default=0, metavar="SEQ", help="inbox seqs up to SEQ")
     read.add_argument(
-        "--up-to-broadcast", type=int, default=0, metavar="SEQ", help="broadcasts up to SEQ"
+        "--up-to-broadcast", type=_SEQ, default=0, metavar="SEQ", help="broadcasts up to SEQ"
     )
     read.set_defaults(run=_run_client(_inbox_read))
 
@@ -1007,7 +1089,7 @@ def _list_options(parser: argparse.ArgumentParser, suppress: bool = False) -> No
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=_whole(1),
         default=_default(20, suppress),
         metavar="N",
         help="messages per page (default 20)",

@@ -9,7 +9,9 @@ import json
 import os
 import pty
 import queue
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -373,3 +375,78 @@ def test_as_user_tokens_are_ones_the_gate_accepts() -> None:
     secret = "a-secret-of-at-least-thirty-two-bytes"
     claims = UserTokenVerifier(secret=secret).verify(_mint_hs256(secret, "ivan", ttl=60))
     assert claims.user_id == "ivan" and claims.expires_at is not None
+
+
+def test_listen_stops_on_ctrl_c_while_it_is_still_connecting(up: Up) -> None:
+    # A Gate that accepts the connection and never answers: the listener is connecting.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        gate = f"127.0.0.1:{hung.getsockname()[1]}"
+        listener, _out, err = up.start("listen", "--gate", gate, "--as", "ivy", "--timeout", "60")
+        try:
+            hung.settimeout(30)
+            connection, _ = hung.accept()
+            listener.send_signal(signal.SIGINT)
+            assert listener.wait(10) == 0
+            connection.close()
+        finally:
+            listener.kill()
+    assert "Traceback" not in "\n".join(err.all())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inbox", "--limit", "-1"],
+        ["inbox", "--limit", "0"],
+        ["inbox", "read", "--up-to", "-5"],
+        ["listen", "--since", "-1"],
+        ["listen", "--count", "-1"],
+        ["send", "bob", "hi", "--timeout", "0"],
+        ["listen", "--max-time", "-2"],
+        ["token", "bob", "--ttl", "nan"],
+        ["up", "--nodes", "0"],
+        ["up", "--gate-port", "70000"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(args: list[str], tmp_path: Path) -> None:
+    # As a user: the client commands with a user, so only the number is wrong.
+    user = ["--as", "x"] if args[0] in ("inbox", "listen", "send") else []
+    result = subprocess.run(
+        [PIGEON, *args, *user],
+        cwd=tmp_path,
+        env=BASE_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "error: argument" in result.stderr and "expected" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_env_prints_this_clusters_gate_over_an_exported_one(up: Up) -> None:
+    gate = json.loads((up.cwd / ".pigeon" / "cluster.json").read_text())["gate"]
+    printed = up.run("env", env={"PIGEON_GATE": "127.0.0.1:9"}).ok()
+    assert f"export PIGEON_GATE={gate}" in printed.splitlines()
+
+
+def test_the_next_page_hint_runs_as_printed(up: Up) -> None:
+    up.seed("alice", "jack", ["first", "second", "third"])
+    first = up.run("inbox", "--as", "jack", "--limit", "2").ok()
+    hint = first.splitlines()[-1]
+    assert hint.startswith("more: pigeon inbox list --as jack --limit 2 --page-token ")
+    command = shlex.split(hint.removeprefix("more: "))
+    rest = up.run(*command[1:]).ok()
+    assert "first" in rest and "second" not in rest and "third" not in rest
+    assert "more:" not in rest
+
+
+def test_a_second_up_in_the_same_folder_refuses_at_once(up: Up) -> None:
+    started = time.monotonic()
+    second = up.run("up", "--gate-port", "0", "--gate-http-port", "0")
+    assert second.code == 1
+    gate = json.loads((up.cwd / ".pigeon" / "cluster.json").read_text())["gate"]
+    assert f"a cluster is already running from .pigeon/ (its Gate: {gate})" in second.err
+    assert time.monotonic() - started < 20

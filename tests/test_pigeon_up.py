@@ -136,9 +136,42 @@ def test_pigeon_up_on_a_taken_gate_port_says_which_flag_moves_it(tmp_path: Path)
             timeout=120,
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{taken}: the port is taken" in result.stderr
-    assert f"pigeon up: port {taken} is taken; choose another with --gate-http-port" in (
-        result.stderr.splitlines()
+    assert result.stderr.splitlines() == [
+        f"pigeon up: port {taken} is taken; choose another with --gate-http-port"
+    ]
+    # Said before anything started (a Gate of another cluster on that port would otherwise
+    # answer the start-up's checks).
+    assert not (tmp_path / "up" / "etcd").exists()
+
+
+def test_ctrl_c_during_the_start_up_stops_everything_started(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    process = subprocess.Popen(
+        [
+            *[PIGEON, "up", "--data-dir", str(tmp_path / "up")],
+            *["--gate-port", str(free_port()), "--gate-http-port", str(free_port())],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
-    assert "--gate-port" not in result.stderr.replace("--gate-http-port", "")
-    assert "Traceback" not in result.stderr
+    try:
+        read_until(process, "starting etcd", timeout=30)
+        # Once something has started (etcd at least), well before the whole cluster is up.
+        deadline = time.monotonic() + 30
+        while not children_of(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = children_of(process.pid)
+        assert started
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 130
+        assert process.stdout is not None
+        assert "interrupted during start-up" in process.stdout.read()
+        assert [pid for pid in started if alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            for pid in children_of(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+            process.wait(10)
