@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +150,35 @@ def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
     expect(notice.locator(".sender")).to_have_text("system")
     expect(notice.locator(".kind")).to_be_hidden()
     assert errors == []
+
+
+def test_a_stream_gone_silent_is_left_for_another_node(tmp_path: Path) -> None:
+    # Heartbeats every second: a stream without an event for 2.5 s is silent.
+    env = {"PATH": "/usr/bin", "PIGEON_HEARTBEAT_INTERVAL": "1"}
+    with (
+        LocalCluster(tmp_path / "c", nodes=2, gate_port=0, gate_http_port=0, env=env) as cluster,
+        browser_page() as page,
+    ):
+        page.goto(f"http://{cluster.gate.http_address}/")
+        page.fill("#token", mint_user_token(cluster.secrets.jwt_secret, "wendy"))
+        page.click("#connect")
+        status, where = page.get_by_test_id("status"), page.locator("#node")
+        expect(status).to_have_text("live", timeout=WAIT_MS)
+        first = next(n for n in cluster.nodes if where.inner_text().startswith(f"{n.name} "))
+        other = next(n for n in cluster.nodes if n is not first)
+        # Frozen, not closed: its connections stay open and silent.
+        first.signal(signal.SIGSTOP)
+        try:
+            expect(where).to_contain_text(other.name, timeout=30_000)
+            expect(status).to_have_text("live", timeout=WAIT_MS)
+            sent = httpx.post(
+                f"http://{other.http_address}/v1/publish",
+                json={"to": ["wendy"], "body": "after the freeze"},
+                headers={"Authorization": f"Bearer {cluster.secrets.api_key}"},
+                timeout=10,
+            )
+            assert sent.status_code == 200, sent.text
+            arrived = page.get_by_test_id("message").filter(has_text="after the freeze")
+            expect(arrived).to_be_visible(timeout=LIVE_WITHIN_MS)
+        finally:
+            first.signal(signal.SIGCONT)

@@ -16,7 +16,12 @@ const state = {
   userId: "",
   cursor: "", // "<seq>.<broadcast_seq>" of the last event with an id
   stream: null,
-  failures: 0, // consecutive connection failures, for the backoff
+  failures: 0, // connections in a row that did not get past the replay, for the backoff
+  streamErrors: 0, // errors in a row on the current node's stream
+  backoff: { initial: 0.5, max: 30, multiplier: 2 }, // seconds; the Gate's answer replaces it
+  heartbeat: 15, // seconds between the node's heartbeats (its welcome says)
+  watchdog: 0,
+  epoch: 0, // bumped at sign-in and sign-out: answers to an earlier session are dropped
   retryTimer: 0,
   messages: new Map(), // id -> message (proto3 JSON)
   unread: 0,
@@ -25,12 +30,16 @@ const state = {
 // --- HTTP ----------------------------------------------------------------------------------
 
 class ApiError extends Error {
-  constructor(status, body) {
+  constructor(status, body, retryAfter) {
     super((body && body.message) || `HTTP ${status}`);
     this.status = status;
     this.body = body;
+    this.retryAfter = retryAfter; // seconds the server asked to wait (429, 503), or NaN
   }
 }
+
+// A Duration in proto3 JSON ("1.5s") in seconds; NaN when absent or malformed.
+const seconds = (duration) => parseFloat(duration ?? "");
 
 async function call(base, path, { method = "GET", body, auth = true } = {}) {
   const headers = { Accept: "application/json" };
@@ -42,7 +51,9 @@ async function call(base, path, { method = "GET", body, auth = true } = {}) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   const data = await response.json().catch(() => null);
-  if (!response.ok) throw new ApiError(response.status, data);
+  if (!response.ok) {
+    throw new ApiError(response.status, data, parseFloat(response.headers.get("Retry-After")));
+  }
   return data;
 }
 
@@ -60,14 +71,24 @@ async function nodeCall(path, options) {
 // --- connection ----------------------------------------------------------------------------
 
 async function connectToGate() {
+  const epoch = state.epoch;
   const reply = await call("", "/v1/connect", {
     method: "POST",
     body: { token: state.jwt },
     auth: false,
   });
+  // Signed out (or in as someone else) while the Gate answered: not this session's answer.
+  if (epoch !== state.epoch) throw new Error("signed out");
   state.session = reply.sessionToken;
   state.node = `${location.protocol}//${reply.nodeHttpAddress}`;
   state.userId = reply.userId;
+  const backoff = reply.backoff || {};
+  state.backoff = {
+    initial: seconds(backoff.initial) || 0.5,
+    max: seconds(backoff.max) || 30,
+    multiplier: Number(backoff.multiplier) || 2,
+  };
+  state.heartbeat = seconds(reply.heartbeatInterval) || state.heartbeat;
   $("node").textContent = `${reply.nodeId} (${reply.nodeHttpAddress})`;
   $("user").textContent = reply.userId;
   $("user").hidden = false;
@@ -82,13 +103,16 @@ function openStream() {
   const stream = new EventSource(`${state.node}/v1/stream?${params}`);
   state.stream = stream;
   setStatus("connecting", "connecting");
+  watch();
 
   stream.onmessage = (event) => {
+    if (stream !== state.stream) return;
     if (event.lastEventId) {
       state.cursor = event.lastEventId;
       $("cursor").textContent = state.cursor;
     }
-    state.failures = 0;
+    state.streamErrors = 0;
+    watch();
     onEvent(JSON.parse(event.data));
   };
   stream.addEventListener("error", (event) => {
@@ -104,14 +128,25 @@ function openStream() {
     } else {
       // The browser retries the same node with Last-Event-ID. If that node is gone, a second
       // failure in a row sends us back to the Gate for another one.
-      state.failures += 1;
+      state.streamErrors += 1;
       setStatus("connecting", "reconnecting");
-      if (state.failures >= 2) reconnectViaGate();
+      if (state.streamErrors >= 2) reconnectViaGate();
     }
   });
 }
 
+// A stream that goes silent (a sleeping laptop, a dropped NAT entry, a frozen node) stays open
+// for ever as far as the browser knows: past 2.5 heartbeats without an event, go elsewhere.
+function watch() {
+  clearTimeout(state.watchdog);
+  state.watchdog = setTimeout(() => {
+    toast("The connection went silent; reconnecting", true);
+    reconnectViaGate();
+  }, state.heartbeat * 2500);
+}
+
 function closeStream() {
+  clearTimeout(state.watchdog);
   if (state.stream) {
     state.stream.close();
     state.stream = null;
@@ -122,20 +157,25 @@ function reconnectViaGate(delaySeconds) {
   closeStream();
   clearTimeout(state.retryTimer);
   state.failures += 1;
-  // Exponential backoff with full jitter, as the Gate's Connect answer suggests.
-  const ceiling = Math.min(30, 0.5 * 2 ** Math.min(state.failures, 6));
+  state.streamErrors = 0;
+  // Exponential backoff with full jitter, as the Gate's Connect answer says.
+  const { initial, max, multiplier } = state.backoff;
+  const ceiling = Math.min(max, initial * multiplier ** Math.min(state.failures - 1, 32));
   const delay = delaySeconds ?? Math.random() * ceiling;
+  const epoch = state.epoch;
   setStatus("connecting", "reconnecting");
   state.retryTimer = setTimeout(async () => {
     try {
       await connectToGate();
-      openStream();
+      if (epoch === state.epoch) openStream();
     } catch (error) {
-      if (error instanceof ApiError && error.status === 401) {
+      if (epoch !== state.epoch) return;
+      if (error instanceof ApiError && [400, 401, 403].includes(error.status)) {
+        // Retrying cannot help: the token is refused or the request is wrong.
         signOut(`Your token was refused: ${error.message}`);
         return;
       }
-      reconnectViaGate();
+      reconnectViaGate(error.retryAfter > 0 ? error.retryAfter : undefined);
     }
   }, delay * 1000);
 }
@@ -144,6 +184,8 @@ function reconnectViaGate(delaySeconds) {
 
 function onEvent(event) {
   if (event.welcome) {
+    state.heartbeat = seconds(event.welcome.heartbeatInterval) || state.heartbeat;
+    watch();
     setStatus("live", "live");
     // The stream starts live from now; everything before it is in the inbox listing.
     if (state.messages.size === 0) loadInbox();
@@ -152,17 +194,23 @@ function onEvent(event) {
     state.messages.set(message.id, message);
     render(message);
   }
+  // Not on the welcome alone: a node that welcomes and then fails every time (a store error
+  // in the replay) must see the page back off.
+  if (event.replayDone) state.failures = 0;
   if (event.unreadCount !== undefined) setUnread(Number(event.unreadCount));
   if (event.reconnect) {
-    // The node is draining or we fell behind: go elsewhere, resuming from our cursor.
-    const wait = parseFloat(event.reconnect.retryAfter || "0");
-    reconnectViaGate(Number.isFinite(wait) ? wait : 0.5);
+    // The node is draining or we fell behind: go elsewhere, resuming from our cursor, spread
+    // over up to twice the hint so that a drained node's pages do not all come back at once.
+    const wait = seconds(event.reconnect.retryAfter);
+    reconnectViaGate((Number.isFinite(wait) ? wait : 0.5) * (1 + Math.random()));
   }
 }
 
 async function loadInbox() {
+  const epoch = state.epoch;
   try {
     const page = await nodeCall("/v1/messages?pageSize=50");
+    if (epoch !== state.epoch) return; // signed out meanwhile
     for (const message of page.messages.slice().reverse()) {
       if (!state.messages.has(message.id)) {
         state.messages.set(message.id, message);
@@ -310,6 +358,7 @@ async function send(event) {
 
 async function signIn(event) {
   event.preventDefault();
+  const epoch = (state.epoch += 1);
   state.jwt = $("token").value.trim();
   const button = $("connect");
   button.disabled = true;
@@ -322,6 +371,7 @@ async function signIn(event) {
     $("logout").hidden = false;
     openStream();
   } catch (error) {
+    if (epoch !== state.epoch) return; // signed in again, or out, meanwhile
     setStatus("error", "refused");
     toast(error.message, true);
   } finally {
@@ -330,10 +380,13 @@ async function signIn(event) {
 }
 
 function signOut(reason) {
+  state.epoch += 1;
   closeStream();
   clearTimeout(state.retryTimer);
   sessionStorage.removeItem("pigeon.jwt");
-  Object.assign(state, { jwt: "", session: "", node: "", cursor: "", failures: 0 });
+  Object.assign(state, {
+    jwt: "", session: "", node: "", userId: "", cursor: "", failures: 0, streamErrors: 0,
+  });
   state.messages.clear();
   $("messages").replaceChildren();
   setUnread(0);
