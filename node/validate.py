@@ -179,9 +179,10 @@ def check_batch(single_set: bool, batch: Iterable[object], limit: int) -> None:
 
 
 def check_page_size(requested: int, limits: Limits) -> int:
-    """0 means the default; above the limit is an error, not a silent cut."""
+    """0 means the default (never more than the limit); above the limit is an error, not a
+    silent cut."""
     if requested == 0:
-        return limits.default_page_size
+        return min(limits.default_page_size, limits.max_page_size)
     if requested > limits.max_page_size:
         raise InvalidArgument(
             f"page_size {requested} is over the limit of {limits.max_page_size}",

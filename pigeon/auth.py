@@ -331,7 +331,8 @@ class UserTokenVerifier:
             The verifier.
 
         Raises:
-            ConfigError: A key file cannot be read, or any reason :meth:`__init__` gives.
+            ConfigError: A key file cannot be read, no allowed algorithm has a key, or any reason
+                :meth:`__init__` gives.
         """
         pems: list[str] = []
         for path in config.jwt_public_keys:
@@ -342,7 +343,7 @@ class UserTokenVerifier:
                     f"cannot read jwt_public_keys file {path}: {exc.strerror or exc}",
                     key="jwt_public_keys",
                 ) from exc
-        return cls(
+        verifier = cls(
             secret=config.jwt_secret,
             public_keys=pems,
             algorithms=config.jwt_algorithms,
@@ -350,6 +351,15 @@ class UserTokenVerifier:
             issuer=config.jwt_issuer,
             leeway=config.jwt_leeway,
         )
+        if not any(verifier._keys_for(algorithm) for algorithm in verifier._algorithms):
+            # Every Connect would be refused: a Gate that cannot let anyone in is a mistake.
+            raise ConfigError(
+                "the Gate has no key to verify user tokens with: set jwt_secret "
+                "(PIGEON_JWT_SECRET) for HS256, or jwt_public_keys with RS256/ES256 in "
+                "jwt_algorithms",
+                key="jwt_secret",
+            )
+        return verifier
 
     @staticmethod
     def _check_algorithms(algorithms: Sequence[str]) -> list[str]:

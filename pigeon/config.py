@@ -334,7 +334,9 @@ class GateConfig(CommonConfig):
     heartbeat_interval: float = field(
         default=15.0,
         metadata=_rules(
-            "interval of keep-alive events on long-lived streams, seconds", positive=True
+            "heartbeat interval the Gate tells clients to expect until their node's welcome "
+            "says its own (each node sets its own heartbeat_interval), seconds",
+            positive=True,
         ),
     )
     placement_epsilon: float = field(
@@ -406,7 +408,11 @@ class NodeConfig(CommonConfig):
     )
     batch_max_size: int = field(
         default=256,
-        metadata=_rules("most messages written to the store in one group commit", minimum=1),
+        metadata=_rules(
+            "most messages written to the store in one group commit; also the most one Send or "
+            "Publish may carry",
+            minimum=1,
+        ),
     )
     # 0: batches still form from what arrives while a write is in flight, and a wait would only
     # add latency (2 ms cost 2 ms at p50 and gave no throughput, measured with bench/).
@@ -416,6 +422,7 @@ class NodeConfig(CommonConfig):
             "extra time a write waits for more messages after an idle spell, milliseconds "
             "(batches form anyway while a write is in flight)",
             minimum=0,
+            maximum=1000,
         ),
     )
     stream_queue_size: int = field(

@@ -379,3 +379,8 @@ def test_build_parser_gives_each_setting_a_flag_whose_dest_is_the_field_name():
 
 def test_common_config_can_be_loaded_on_its_own():
     assert load_config(CommonConfig, ["--port", "5"], {}, prog="pigeon").port == 5
+
+
+def test_a_group_commit_wait_over_a_second_is_refused():
+    err = config_error(env={"PIGEON_BATCH_MAX_WAIT_MS": "5000"}, cls=NodeConfig)
+    assert err.key == "PIGEON_BATCH_MAX_WAIT_MS" and "1000" in err.message

@@ -18,8 +18,8 @@ from node.core import NodeCore
 from node.store.base import Entry, Kind, NewMessage, Stored, StoreError
 from node.store.memory import MemoryStore
 from node.store.sqlite import SqliteStore
-from node.validate import Outgoing
-from pigeon.errors import ResourceExhausted, Unavailable
+from node.validate import Limits, Outgoing, check_page_size
+from pigeon.errors import InvalidArgument, ResourceExhausted, Unavailable
 from pigeon.v1 import dispatcher_pb2, node_pb2
 
 pytestmark = pytest.mark.unit
@@ -544,3 +544,11 @@ async def test_a_retry_of_a_write_whose_answer_was_lost_reaches_the_streams(
         [again] = await core.send("alice", [message])
         assert again.duplicate
         await bob.until(lambda r: r.seqs() == [1])
+
+
+def test_the_default_page_size_is_never_over_the_limit() -> None:
+    assert check_page_size(0, Limits()) == 50
+    assert check_page_size(0, Limits(max_page_size=10)) == 10
+    assert check_page_size(10, Limits(max_page_size=10)) == 10
+    with pytest.raises(InvalidArgument):
+        check_page_size(11, Limits(max_page_size=10))

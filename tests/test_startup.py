@@ -141,3 +141,12 @@ async def test_a_service_listening_on_every_address_advertises_the_host_name(
         process.terminate()
         async with asyncio.timeout(20):
             await process.wait()
+
+
+def test_a_gate_with_no_key_for_user_tokens_refuses_to_start() -> None:
+    env = {k: v for k, v in SECRETS.items() if k != "PIGEON_JWT_SECRET"}
+    code, stderr = start("gate", "--port", "0", "--http-port", "0", env=env)
+    assert code == 2
+    [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
+    assert "no key to verify user tokens with: set jwt_secret (PIGEON_JWT_SECRET)" in line
+    assert "Traceback" not in stderr
