@@ -59,7 +59,8 @@ async def serve(config: NodeConfig) -> int:
     sessions = SessionTokens(config.cluster_secret)
 
     def user(token: str | None) -> Principal:
-        return Principal("user", sessions.verify(token).user_id)
+        claims = sessions.verify(token)
+        return Principal("user", claims.user_id, sessions.usable_until(claims))
 
     def system(token: str | None) -> Principal:
         return Principal("system", api_keys.check(token))

@@ -566,11 +566,17 @@ class NodeCore:
     # The stream.
 
     async def subscribe(
-        self, user_id: str, since_seq: int | None, since_broadcast_seq: int | None
+        self,
+        user_id: str,
+        since_seq: int | None,
+        since_broadcast_seq: int | None,
+        *,
+        session_ends_at: float | None = None,
     ) -> AsyncIterator[node_pb2.SubscribeResponse]:
         """The events of one client stream: welcome and unread count, the replay from the
         cursor, the replay-done marker, then live events and heartbeats until the client leaves
-        or the node asks it to reconnect.
+        or the node asks it to reconnect (draining, too slow, or at session_ends_at, Unix
+        seconds, when the session it was opened with runs out).
 
         The stream joins the pool before the store is read, so nothing stored meanwhile is
         missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
@@ -593,10 +599,19 @@ class NodeCore:
             self.relay.user_added(user_id)
         if self._draining:
             stream.close("draining")  # opened while the node drains: the same hint
+        # A stream lasts no longer than its session: then the client goes back to the Gate with
+        # its user token, so a user the site no longer signs tokens for is let go.
+        expiry = None
+        if session_ends_at is not None:
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, session_ends_at - time.time()), stream.close, "session_expired"
+            )
         try:
             async for event in self._events(stream, since_seq, since_broadcast_seq):
                 yield event
         finally:
+            if expiry is not None:
+                expiry.cancel()
             self._leave(stream)
             left = self._open_streams.pop(user_id) - 1
             if left:
@@ -702,8 +717,10 @@ class NodeCore:
                 event.unread_count = batch.unread_count
             if batch.reconnect:
                 event.reconnect.reason = batch.reconnect
+                # At once for a new session or a fresh start; a draining node's clients wait a
+                # little, so they do not all reach the Gate together.
                 event.reconnect.retry_after.CopyFrom(
-                    _duration(0.0 if batch.reconnect == "slow_consumer" else 0.5)
+                    _duration(0.5 if batch.reconnect == "draining" else 0.0)
                 )
                 yield event
                 return

@@ -33,7 +33,10 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
         since_broadcast = (
             request.since_broadcast_seq if request.HasField("since_broadcast_seq") else None
         )
-        async for event in self._core.subscribe(current_principal().id, since, since_broadcast):
+        caller = current_principal()
+        async for event in self._core.subscribe(
+            caller.id, since, since_broadcast, session_ends_at=caller.expires_at
+        ):
             yield event
 
     async def Send(self, request: node_pb2.SendRequest, context: Context) -> node_pb2.SendResponse:

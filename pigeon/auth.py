@@ -531,6 +531,10 @@ class SessionTokens:
         }
         return jwt.encode(payload, self._key, algorithm="HS256")
 
+    def usable_until(self, claims: SessionClaims) -> float:
+        """Unix seconds after which the session is refused: its expiry, plus the leeway."""
+        return claims.expires_at + self._leeway
+
     def verify(self, token: str | None) -> SessionClaims:
         """Check a session token (see :meth:`_verify`), remembering the ones that pass."""
         if token:

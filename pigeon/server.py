@@ -53,6 +53,9 @@ class Principal:
 
     kind: Literal["user", "system", "cluster", "anonymous"]
     id: str
+    # When the credential stops being accepted (Unix seconds; None: it does not expire). A
+    # stream opened with it ends then.
+    expires_at: float | None = None
 
 
 Authenticator = Callable[[str | None], Principal]

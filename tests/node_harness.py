@@ -45,14 +45,19 @@ class RunningNode:
 
 @contextlib.asynccontextmanager
 async def running_node(
-    store: Store, *, limits: Mapping[str, RateLimiter] | None = None, **core_options: Any
+    store: Store,
+    *,
+    limits: Mapping[str, RateLimiter] | None = None,
+    session_leeway: float = 10.0,
+    **core_options: Any,
 ) -> AsyncIterator[RunningNode]:
     """A NodeCore on `store` behind the real servicer, guard and gRPC server."""
-    sessions = SessionTokens(CLUSTER_SECRET)
+    sessions = SessionTokens(CLUSTER_SECRET, leeway=session_leeway)
     keys = ApiKeys([API_KEY])
 
     def user(token: str | None) -> Principal:
-        return Principal("user", sessions.verify(token).user_id)
+        claims = sessions.verify(token)
+        return Principal("user", claims.user_id, sessions.usable_until(claims))
 
     def system(token: str | None) -> Principal:
         return Principal("system", keys.check(token))

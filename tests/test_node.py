@@ -12,7 +12,7 @@ import pytest
 from node.store.base import Store
 from pigeon.auth import SessionTokens, mint_user_token
 from pigeon.v1 import node_pb2, types_pb2
-from tests.node_harness import Listener, RunningNode, running_node
+from tests.node_harness import CLUSTER_SECRET, Listener, RunningNode, running_node
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +327,27 @@ async def test_a_user_cannot_touch_another_users_message(node: RunningNode) -> N
         node_pb2.GetMessageRequest(message_id=message_id), metadata=node.as_user("bob")
     )
     assert still.message.body == "private" and not still.message.read
+
+
+async def test_a_stream_ends_when_its_session_runs_out(durable_store: Store) -> None:
+    async with running_node(durable_store, session_leeway=0) as node:
+        # A session of one second, from the Gate's key; then the client must come back through
+        # the Gate with its user token.
+        token = SessionTokens(CLUSTER_SECRET, ttl=1).issue("bob", node.core.node_id)
+        started = asyncio.get_running_loop().time()
+        bob = Listener(
+            node.stub().Subscribe(
+                node_pb2.SubscribeRequest(), metadata=[("authorization", f"Bearer {token}")]
+            )
+        )
+        await bob.wait(lambda lst: any(e.HasField("reconnect") for e in lst.events), timeout=10)
+        [hint] = [e.reconnect for e in bob.events if e.HasField("reconnect")]
+        assert hint.reason == "session_expired" and hint.retry_after.ToNanoseconds() == 0
+        assert asyncio.get_running_loop().time() - started < 5
+        await asyncio.wait_for(bob.task, 5)  # and the stream ends
+        # A stream on a fresh session goes on past that time.
+        alice = subscribe(node, "alice")
+        await alice.wait(replay_done)
+        await asyncio.sleep(1.5)
+        assert not alice.task.done()
+        await alice.close()

@@ -115,7 +115,8 @@ class Reconnect(_message.Message):
     RETRY_AFTER_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why: "draining" (the node is stopping), "slow_consumer" (the client fell behind),
-    "session_expired".
+    "session_expired" (the session token the stream was opened with ran out: connect through the
+    Gate again, with the user token).
     """
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
