@@ -56,7 +56,7 @@ async def serve(config: GateConfig) -> int:
         try:
             async with (
                 listen(config, services, auth, rest.routes) as listeners,
-                rest.forward_to(listeners.address, channel_factory(config)),
+                rest.forward_to(listeners.self_address, channel_factory(config)),
             ):
                 await listeners.grpc.set_serving(True)
                 log.info(

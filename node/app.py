@@ -119,7 +119,7 @@ async def _serve(
     )
     async with (
         listen(config, services, auth, rest.routes) as listeners,
-        rest.forward_to(listeners.address, channel_factory(config)),
+        rest.forward_to(listeners.self_address, channel_factory(config)),
     ):
         info = types_pb2.NodeInfo(
             node_id=node_id,

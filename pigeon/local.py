@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -19,7 +19,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pigeon.etcd_server import EtcdServer, free_port
+from pigeon.etcd_server import EtcdServer, StartCancelled, free_port
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
@@ -116,12 +116,15 @@ class ServiceProcess:
         credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes() if ca else None)
         return grpc.secure_channel(self.address, credentials, options)
 
-    def wait_healthy(self, timeout: float) -> None:
-        """Wait until the gRPC health service says SERVING; raise with the log tail if not."""
+    def wait_healthy(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait until the gRPC health service says SERVING; raise with the log tail if not, or
+        StartCancelled once ``cancelled()`` is true."""
         deadline = time.monotonic() + timeout
         with self.channel() as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
+                if cancelled():
+                    raise StartCancelled(f"{self.name}'s start-up was cancelled")
                 if not self.alive:
                     raise RuntimeError(f"{self.name} exited during start-up:\n{self.log_tail()}")
                 try:
@@ -264,26 +267,31 @@ class LocalCluster:
         """Every service process, in start order."""
         return [*self.dispatchers, *self.gates, *self.nodes]
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start everything and wait until every service reports SERVING."""
+    def start(self, timeout: float = 30.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start everything and wait until every service reports SERVING.
+
+        ``cancelled`` is asked while waiting: once it is true, everything started is stopped and
+        StartCancelled raised (a Ctrl-C handler sets a flag; an exception raised from the handler
+        could land between a fork and the note of its child, which would then be left running).
+        """
         try:
-            self.etcd.start(timeout=timeout)
+            self.etcd.start(timeout=timeout, cancelled=cancelled)
             # Dispatchers first: a node that starts before any dispatcher is registered
             # serves alone until it finds one.
             for service in self.dispatchers:
                 service.start()
             for service in self.dispatchers:
-                service.wait_healthy(timeout)
+                service.wait_healthy(timeout, cancelled)
             for service in [*self.gates, *self.nodes]:
                 service.start()
             for service in [*self.gates, *self.nodes]:
-                service.wait_healthy(timeout)
-            self._wait_gate_sees_nodes(timeout)
+                service.wait_healthy(timeout, cancelled)
+            self._wait_gate_sees_nodes(timeout, cancelled)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_gate_sees_nodes(self, timeout: float) -> None:
+    def _wait_gate_sees_nodes(self, timeout: float, cancelled: Callable[[], bool]) -> None:
         """Healthy nodes are registered; wait until the Gate's etcd watch has them too."""
         if not self.nodes:
             return
@@ -301,6 +309,8 @@ class LocalCluster:
                         return
                 except grpc.RpcError:
                     pass
+                if cancelled():
+                    raise StartCancelled("the start-up was cancelled")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the Gate did not see nodes {sorted(wanted)} in time")
                 time.sleep(0.05)

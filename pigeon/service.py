@@ -37,6 +37,8 @@ __all__ = [
 log = logging.getLogger("pigeon.service")
 
 _S = TypeVar("_S", GrpcServer, HttpServer)
+# Whether the service got past its start-up (to waiting for a stop signal).
+_started = False
 _C = TypeVar("_C", bound=CommonConfig)
 
 
@@ -70,8 +72,8 @@ def run_service(
         return 2
     except unmet as exc:
         # What the service needs is not there (etcd, the store, a file): one line that says
-        # which, not a traceback; the services handle these themselves once running.
-        log.critical("cannot start: %s", exc)
+        # which, not a traceback.
+        log.critical("%s: %s", "stopped" if _started else "cannot start", exc)
         return 1
 
 
@@ -83,6 +85,8 @@ class Listeners:
     http: HttpServer
     address: str
     http_address: str
+    # Where this process reaches its own gRPC port (its REST gateway does).
+    self_address: str
 
 
 INTERNAL_CHANNEL_OPTIONS = [
@@ -156,9 +160,10 @@ async def listen(
     Health says NOT_SERVING until the caller's set_serving(True): when it is registered and can
     be placed on.
     """
-    host = config.advertised_host
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address, in host:port form
+    host = _bracketed(config.advertised_host)
+    # Its own port: with TLS by the advertised name (the one its certificate has); otherwise
+    # straight over loopback when it listens on every address.
+    own = host if config.tls_cert else _bracketed(_WILDCARDS.get(config.host, config.host))
     async with contextlib.AsyncExitStack() as stack:
         grpc_server = await _bound(
             stack,
@@ -195,9 +200,18 @@ async def listen(
                 http_server,
                 f"{host}:{grpc_server.port}",
                 f"{host}:{http_server.port}",
+                f"{own}:{grpc_server.port}",
             )
         finally:
             grpc_server.serving = False
+
+
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def _bracketed(host: str) -> str:
+    """A host as it goes before ":port" (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 async def _bound(stack: contextlib.AsyncExitStack, server: _S, setting: str) -> _S:
@@ -215,6 +229,8 @@ async def _bound(stack: contextlib.AsyncExitStack, server: _S, setting: str) -> 
 
 async def wait_for_stop() -> None:
     """Return on the first SIGINT or SIGTERM; start-up is over, so freeze the heap first."""
+    global _started
+    _started = True
     stop = asyncio.Event()
     freeze_heap()
     rescans = asyncio.create_task(rescan_heap(), name="heap-rescans")

@@ -331,9 +331,9 @@ async def test_a_user_cannot_touch_another_users_message(node: RunningNode) -> N
 
 async def test_a_stream_ends_when_its_session_runs_out(durable_store: Store) -> None:
     async with running_node(durable_store, session_leeway=0) as node:
-        # A session of one second, from the Gate's key; then the client must come back through
-        # the Gate with its user token.
-        token = SessionTokens(CLUSTER_SECRET, ttl=1).issue("bob", node.core.node_id)
+        # A session of two seconds (one to two: the expiry is in whole seconds), from the Gate's
+        # key; then the client must come back through the Gate with its user token.
+        token = SessionTokens(CLUSTER_SECRET, ttl=2).issue("bob", node.core.node_id)
         started = asyncio.get_running_loop().time()
         bob = Listener(
             node.stub().Subscribe(
@@ -343,7 +343,7 @@ async def test_a_stream_ends_when_its_session_runs_out(durable_store: Store) -> 
         await bob.wait(lambda lst: any(e.HasField("reconnect") for e in lst.events), timeout=10)
         [hint] = [e.reconnect for e in bob.events if e.HasField("reconnect")]
         assert hint.reason == "session_expired" and hint.retry_after.ToNanoseconds() == 0
-        assert asyncio.get_running_loop().time() - started < 5
+        assert asyncio.get_running_loop().time() - started < 6
         await asyncio.wait_for(bob.task, 5)  # and the stream ends
         # A stream on a fresh session goes on past that time.
         alice = subscribe(node, "alice")

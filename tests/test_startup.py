@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pigeon.etcd_server import EtcdServer, free_port
@@ -150,3 +152,31 @@ def test_a_gate_with_no_key_for_user_tokens_refuses_to_start() -> None:
     [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
     assert "no key to verify user tokens with: set jwt_secret (PIGEON_JWT_SECRET)" in line
     assert "Traceback" not in stderr
+
+
+async def test_a_gate_listening_on_every_address_serves_rest(etcd: EtcdServer) -> None:
+    http_port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "gate", "--etcd-endpoints", etcd.endpoint, "--host", "0.0.0.0"],
+        *["--port", "0", "--http-port", str(http_port)],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        key = {"Authorization": f"Bearer {SECRETS['PIGEON_API_KEYS']}"}
+        async with httpx.AsyncClient() as http:
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:
+                # Its REST gateway calls its own gRPC port.
+                with contextlib.suppress(httpx.TransportError):
+                    reply = await http.get(f"http://127.0.0.1:{http_port}/v1/nodes", headers=key)
+                    if reply.status_code == 200:
+                        break
+                assert asyncio.get_running_loop().time() < deadline, "no answer from the Gate"
+                await asyncio.sleep(0.1)
+        assert "nodes" in reply.json()
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()

@@ -298,8 +298,10 @@ function toast(text, isError = false) {
 // --- actions -------------------------------------------------------------------------------
 
 async function markRead(id) {
+  const epoch = state.epoch;
   try {
     const reply = await nodeCall("/v1/messages:read", { method: "POST", body: { messageIds: [id] } });
+    if (epoch !== state.epoch) return; // signed out meanwhile
     const message = state.messages.get(id);
     if (message) {
       message.read = true;
@@ -307,32 +309,36 @@ async function markRead(id) {
     }
     setUnread(Number(reply.unreadCount));
   } catch (error) {
-    toast(error.message, true);
+    if (epoch === state.epoch) toast(error.message, true);
   }
 }
 
 async function markAllRead() {
+  const epoch = state.epoch;
   try {
     const reply = await nodeCall("/v1/messages:read", { method: "POST", body: { all: true } });
+    if (epoch !== state.epoch) return; // signed out meanwhile
     for (const message of state.messages.values()) {
       message.read = true;
       render(message);
     }
     setUnread(Number(reply.unreadCount));
   } catch (error) {
-    toast(error.message, true);
+    if (epoch === state.epoch) toast(error.message, true);
   }
 }
 
 async function remove(id) {
+  const epoch = state.epoch;
   try {
     const reply = await nodeCall(`/v1/messages/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (epoch !== state.epoch) return; // signed out meanwhile
     state.messages.delete(id);
     document.querySelector(`li[data-id="${CSS.escape(id)}"]`)?.remove();
     $("empty").hidden = state.messages.size > 0;
     setUnread(Number(reply.unreadCount));
   } catch (error) {
-    toast(error.message, true);
+    if (epoch === state.epoch) toast(error.message, true);
   }
 }
 
@@ -395,6 +401,8 @@ function signOut(reason) {
   $("login").hidden = false;
   $("logout").hidden = true;
   $("user").hidden = true;
+  $("node").textContent = "";
+  $("cursor").textContent = "";
   if (reason) toast(reason, true);
 }
 

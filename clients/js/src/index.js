@@ -318,10 +318,14 @@ export class UserClient extends EventEmitter {
   // Hand an event to the application's listeners. A listener that throws is a bug in the
   // application: it is reported and delivery goes on (the rest of the event, the stream).
   deliver(name, value) {
-    try {
-      this.emit(name, value);
-    } catch (error) {
-      console.error(`pigeon: a '${name}' listener threw:`, error);
+    // Each listener on its own: emit() stops at the first that throws, which would skip the
+    // others (connect()'s own among them).
+    for (const listener of this.rawListeners(name)) {
+      try {
+        listener.call(this, value);
+      } catch (error) {
+        console.error(`pigeon: a '${name}' listener threw:`, error);
+      }
     }
   }
 
