@@ -315,26 +315,36 @@ async def test_an_unreachable_node_is_skipped_for_the_fallback() -> None:
             assert client.node_id == "fake-node"
 
 
-@pytest.mark.unit
-async def test_a_node_that_hangs_leaves_time_for_the_fallback_on_the_first_connect() -> None:
+@contextlib.asynccontextmanager
+async def hanging_node_and_fallback() -> AsyncIterator[tuple[str, str, FakeNode, FakeNode]]:
+    """A Gate that names a node that accepts streams and never welcomes, and a working fallback:
+    (the Gate's address, the fallback's address, the fallback, the hanging node)."""
+
     async def hung(request: Any) -> AsyncIterator[Any]:
         await hold()  # accepts the stream, never welcomes
         yield welcome()
 
     async def script(request: Any) -> AsyncIterator[Any]:
         yield welcome()
+        yield replay_done()
         await hold()
 
     node, hanging = FakeNode(script), FakeNode(hung)  # type: ignore[abstract]
     async with serve(node) as node_address, serve(hanging) as hanging_address:
         fallback = gate_pb2.NodeAddress(node_id="fake-node", address=node_address)
         gate = FakeGate(hanging_address, fallbacks=[fallback])  # type: ignore[abstract]
-        async with (
-            serve(gate) as gate_address,
-            UserClient(gate_address, "jwt", connect_timeout=4) as client,
-        ):
-            assert client.node_id == "fake-node"
-            assert len(hanging.subscribes) == 1 and len(node.subscribes) == 1
+        async with serve(gate) as gate_address:
+            yield gate_address, node_address, node, hanging
+
+
+@pytest.mark.unit
+async def test_a_node_that_hangs_leaves_time_for_the_fallback_on_the_first_connect() -> None:
+    async with (
+        hanging_node_and_fallback() as (gate_address, _, node, hanging),
+        UserClient(gate_address, "jwt", connect_timeout=4) as client,
+    ):
+        assert client.node_id == "fake-node"
+        assert len(hanging.subscribes) == 1 and len(node.subscribes) == 1
 
 
 @pytest.mark.unit

@@ -23,8 +23,7 @@ from pigeon.client import Message, UserClient
 from pigeon.errors import ResourceExhausted
 from pigeon.etcd_server import free_port
 from pigeon.local import LocalCluster
-from pigeon.v1 import gate_pb2
-from tests.test_client import FakeGate, FakeNode, fake_cluster, hold, replay_done, serve, welcome
+from tests.test_client import fake_cluster, hanging_node_and_fallback, welcome
 
 pytestmark = pytest.mark.integration
 
@@ -333,30 +332,17 @@ async def test_close_ends_a_backoff_wait_at_once(node_modules: None, tmp_path: P
 async def test_a_node_that_hangs_leaves_time_for_the_fallback(
     node_modules: None, tmp_path: Path
 ) -> None:
-    async def hung(request: object) -> AsyncIterator[object]:
-        await hold()  # accepts the stream, never welcomes
-        yield welcome()
-
-    async def script(request: object) -> AsyncIterator[object]:
-        yield welcome()
-        yield replay_done()
-        await hold()
-
-    node, hanging = FakeNode(script), FakeNode(hung)  # type: ignore[abstract]
-    async with serve(node) as node_address, serve(hanging) as hanging_address:
-        fallback = gate_pb2.NodeAddress(node_id="fake-node", address=node_address)
-        gate = FakeGate(hanging_address, fallbacks=[fallback])  # type: ignore[abstract]
-        async with serve(gate) as gate_address:
-            source = """
-                import { UserClient } from 'PIGEON_JS';
-                const client = new UserClient({
-                  gate: process.env.GATE, token: 'jwt', connectTimeoutMs: 4000,
-                });
-                client.on('connected', (e) => console.log(JSON.stringify(e)));
-                await client.connect();
-                client.close();
-            """
-            code, out, err = await run_js(tmp_path, source, {"GATE": gate_address})
+    async with hanging_node_and_fallback() as (gate_address, node_address, node, hanging):
+        source = """
+            import { UserClient } from 'PIGEON_JS';
+            const client = new UserClient({
+              gate: process.env.GATE, token: 'jwt', connectTimeoutMs: 4000,
+            });
+            client.on('connected', (e) => console.log(JSON.stringify(e)));
+            await client.connect();
+            client.close();
+        """
+        code, out, err = await run_js(tmp_path, source, {"GATE": gate_address})
     assert code == 0, err
     assert json.loads(out)["address"] == node_address
     assert len(hanging.subscribes) == 1 and len(node.subscribes) == 1

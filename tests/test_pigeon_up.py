@@ -45,6 +45,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def kill_all(process: subprocess.Popen[str]) -> None:
+    """Kill a `pigeon up` that is still running, and its services, after a failed test."""
+    if process.poll() is None:
+        for pid in children_of(process.pid):
+            os.kill(pid, signal.SIGKILL)
+        process.kill()
+        process.wait(10)
+
+
 def read_until(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
     assert process.stdout is not None
     seen = []
@@ -99,11 +108,7 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert process.wait(timeout=30) == 0
         assert [pid for pid in children if alive(pid)] == []
     finally:
-        if process.poll() is None:
-            for pid in children_of(process.pid):
-                os.kill(pid, signal.SIGKILL)
-            process.kill()
-            process.wait(10)
+        kill_all(process)
 
 
 def test_pigeon_up_help_documents_the_ports() -> None:
@@ -170,8 +175,4 @@ def test_ctrl_c_during_the_start_up_stops_everything_started(tmp_path: Path) -> 
         assert "interrupted during start-up" in process.stdout.read()
         assert [pid for pid in started if alive(pid)] == []
     finally:
-        if process.poll() is None:
-            for pid in children_of(process.pid):
-                os.kill(pid, signal.SIGKILL)
-            process.kill()
-            process.wait(10)
+        kill_all(process)
