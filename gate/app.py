@@ -29,7 +29,9 @@ async def serve(config: GateConfig) -> int:
     def system(token: str | None) -> Principal:
         return Principal("system", api_keys.check(token))
 
+    # Settings first: a missing secret is said before etcd is asked anything.
     user_tokens = UserTokenVerifier.from_config(config)
+    sessions = SessionTokens(config.cluster_secret, ttl=config.session_ttl)
     channels = ChannelCache(channel_factory(config))
     async with ClusterView(
         config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
@@ -38,7 +40,7 @@ async def serve(config: GateConfig) -> int:
             nodes=lambda: list(view.nodes.values()),
             dispatchers=lambda: list(view.dispatchers.values()),
             user_tokens=user_tokens,
-            sessions=SessionTokens(config.cluster_secret, ttl=config.session_ttl),
+            sessions=sessions,
             node_channel=channels.get,
             heartbeat_interval=config.heartbeat_interval,
             epsilon=config.placement_epsilon,

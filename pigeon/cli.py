@@ -122,9 +122,15 @@ def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> i
         "  Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
-    # Lets `pigeon send`, `listen`... find this Gate whatever its port.
+    # Lets `pigeon send`, `listen`, `env`... in other shells find this Gate whatever its port, and
+    # the secrets it runs with (those from this shell's environment too).
     noted = Path(args.data_dir) / CLUSTER_FILE
-    noted.write_text(json.dumps({"gate": cluster.gate.address}))
+    noted.unlink(missing_ok=True)  # created anew: readable by its owner alone
+    descriptor = os.open(noted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(
+            {"gate": cluster.gate.address, "jwt_secret": s.jwt_secret, "api_key": s.api_key}, file
+        )
     code = 0
     while not stopping:
         dead = cluster.dead()
@@ -206,14 +212,23 @@ class Style:
         return self._wrap("36", text)
 
 
-def _secrets_file(args: argparse.Namespace) -> dict[str, str]:
-    """The secrets of the `pigeon up` cluster in --data-dir, read-only ({} if there is none)."""
-    path = Path(args.data_dir) / "secrets.json"
+def _read_json(path: Path) -> dict[str, str]:
+    """The string entries of a JSON object in a file ({} if it is missing or not one)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _secrets_file(args: argparse.Namespace) -> dict[str, str]:
+    """The secrets of the `pigeon up` cluster in --data-dir, read-only ({} if there is none):
+    those the running cluster uses (noted at its start, environment ones included), else the
+    kept ones."""
+    noted = _read_json(Path(args.data_dir) / CLUSTER_FILE)
+    if noted.get("jwt_secret"):
+        return noted
+    return _read_json(Path(args.data_dir) / "secrets.json")
 
 
 def _gate(args: argparse.Namespace) -> str:
@@ -228,12 +243,7 @@ def _gate(args: argparse.Namespace) -> str:
 
 def _noted_gate(args: argparse.Namespace) -> str:
     """The Gate of the `pigeon up` cluster in --data-dir ("" if there is none)."""
-    try:
-        noted = json.loads((Path(args.data_dir) / CLUSTER_FILE).read_text())
-    except (OSError, ValueError):
-        noted = {}
-    gate = noted.get("gate") if isinstance(noted, dict) else None
-    return gate if isinstance(gate, str) else ""
+    return _read_json(Path(args.data_dir) / CLUSTER_FILE).get("gate", "")
 
 
 def _user_token(args: argparse.Namespace) -> str:

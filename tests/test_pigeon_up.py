@@ -76,6 +76,11 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     data_dir = tmp_path / "up"
     gate_port, gate_http_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    # Secrets from this shell's environment: another shell's `pigeon env` must still give them.
+    secrets = {
+        "PIGEON_JWT_SECRET": "jwt secret of this shell",
+        "PIGEON_API_KEYS": "key-of-this-shell",
+    }
     process = subprocess.Popen(
         [
             PIGEON,
@@ -90,12 +95,25 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env={**env, **secrets},
     )
     try:
         printed = read_until(process, "Ctrl-C stops everything", timeout=60)
         assert f"127.0.0.1:{gate_port}" in printed
-        assert "PIGEON_API_KEYS=" in printed and "PIGEON_JWT_SECRET=" in printed
+        assert "PIGEON_API_KEYS=key-of-this-shell" in printed
+        exports = subprocess.run(
+            [PIGEON, "env", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        ).stdout.splitlines()
+        assert exports == [
+            f"export PIGEON_GATE=127.0.0.1:{gate_port}",
+            "export PIGEON_JWT_SECRET='jwt secret of this shell'",
+            "export PIGEON_API_KEYS=key-of-this-shell",
+        ]
+        assert (data_dir / "cluster.json").stat().st_mode & 0o777 == 0o600
         with grpc.insecure_channel(f"127.0.0.1:{gate_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="pigeon.v1.Gate"), timeout=5

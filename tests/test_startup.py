@@ -67,12 +67,14 @@ def test_a_bad_value_is_named_on_one_line() -> None:
     ]
 
 
-def test_a_missing_secret_names_its_variable_without_a_traceback() -> None:
+@pytest.mark.parametrize("service", ["node", "gate", "dispatcher"])
+def test_a_missing_secret_names_its_variable_without_a_traceback(service: str) -> None:
     env = {k: v for k, v in SECRETS.items() if k != "PIGEON_CLUSTER_SECRET"}
-    code, stderr = start("node", "--port", "0", "--http-port", "0", env=env)
+    code, stderr = start(service, "--port", "0", "--http-port", "0", env=env)
     assert code == 2
-    assert "PIGEON_CLUSTER_SECRET" in stderr
-    assert "Traceback" not in stderr
+    # One line, said before etcd (out of reach here) is asked anything.
+    [line] = stderr.strip().splitlines()
+    assert "PIGEON_CLUSTER_SECRET" in line
 
 
 @pytest.mark.parametrize(
