@@ -26,6 +26,7 @@ import pigeon.client
 import pigeon.errors
 from pigeon.auth import mint_user_token
 from pigeon.client import (
+    ClientClosed,
     Connected,
     Cursor,
     Disconnected,
@@ -42,12 +43,14 @@ from pigeon.client import (
     UserClient,
 )
 from pigeon.client._channel import Channels
+from pigeon.client.backoff import Backoff
 from pigeon.errors import PigeonError, abort
 from pigeon.errors import ResourceExhausted as ServerResourceExhausted
 from pigeon.errors import Unauthenticated as ServerUnauthenticated
 from pigeon.etcd_server import free_port
 from pigeon.local import LocalCluster, ServiceProcess
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -884,3 +887,59 @@ async def test_a_listener_gets_every_message_once_in_order_through_crash_drain_a
         assert "draining" in reasons
         assert sum(isinstance(e, Connected) and e.reconnected for e in inbox.events) >= 3
         await inbox.close()
+
+
+class ServerCancelled(PigeonError):
+    """What a client sees of a Gate that stops mid-call (gRPC cancels what is left)."""
+
+    code = grpc.StatusCode.CANCELLED
+    reason = "CANCELLED"
+
+
+@pytest.mark.unit
+async def test_system_client_retries_a_call_its_gate_cancelled_with_the_same_key() -> None:
+    async with fake_cluster() as (gate, _):
+        gate.publish_errors = [ServerCancelled("the Gate is stopping")]
+        async with SystemClient(gate.address, "key") as system:
+            assert await system.publish(to="bob", body="hi") == "p1"
+        first, second = gate.publishes
+        assert first.idempotency_key == second.idempotency_key
+
+
+@pytest.mark.unit
+async def test_system_client_close_ends_a_wait_to_retry_at_once() -> None:
+    async with fake_cluster() as (gate, _):
+        gate.publish_errors = [pigeon.errors.Unavailable("node down")] * 1000
+        # Waits of a second or so between attempts.
+        system = SystemClient(gate.address, "key", backoff=Backoff(initial=1.0, max=1.0))
+        publishing = asyncio.create_task(system.publish(to="bob", body="hi"))
+        await wait_until(lambda: len(gate.publishes) >= 1, 5, "the first attempt")
+        await system.close()
+        attempts = len(gate.publishes)
+        async with asyncio.timeout(0.5):
+            with pytest.raises(ClientClosed):
+                await publishing
+        # No attempt, and no channel, after the close.
+        assert system._channels._channels == {} and len(gate.publishes) == attempts
+
+
+@pytest.mark.unit
+async def test_a_batch_publication_to_one_user_given_as_a_string() -> None:
+    async with fake_cluster() as (gate, _), SystemClient(gate.address, "key") as system:
+        await system.publish_batch([Publication(to="bob", body="hi")])
+        with pytest.raises(ValueError, match="at least one"):
+            await system.publish_batch([])
+    assert list(gate.publishes[0].batch[0].to) == ["bob"]
+
+
+@pytest.mark.unit
+def test_root_certificates_turn_tls_on_and_channels_follow_the_running_loop() -> None:
+    assert Channels(secure=False, root_certificates=b"pem")._credentials is not None
+    assert Channels(secure=False, root_certificates=None)._credentials is None
+    channels = Channels(secure=False, root_certificates=None)
+
+    async def get() -> grpc.aio.Channel:
+        return channels.get("127.0.0.1:1")
+
+    # A client used again from a second asyncio.run gets a channel of that loop.
+    assert asyncio.run(get()) is not asyncio.run(get())

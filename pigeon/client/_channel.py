@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,12 +37,20 @@ class Channels:
     """One channel per address, kept until :meth:`close`."""
 
     def __init__(self, *, secure: bool, root_certificates: bytes | None) -> None:
+        # Root certificates are asked for TLS: given alone, they turn it on.
+        use_tls = secure or root_certificates is not None
         self._credentials = (
-            grpc.ssl_channel_credentials(root_certificates=root_certificates) if secure else None
+            grpc.ssl_channel_credentials(root_certificates=root_certificates) if use_tls else None
         )
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, address: str) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # A channel belongs to the loop it was made on: a client used again from another
+            # one (a second asyncio.run) gets new channels; the old ones went with their loop.
+            self._channels, self._loop = {}, loop
         channel = self._channels.get(address)
         if channel is None:
             if self._credentials is not None:

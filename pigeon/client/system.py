@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ import grpc.aio
 
 from pigeon.client._channel import Channels, gate_list
 from pigeon.client.backoff import Backoff
-from pigeon.client.errors import ClientClosed, from_rpc_error
+from pigeon.client.errors import ClientClosed, Unavailable, from_rpc_error
 from pigeon.client.types import Publication
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, types_pb2
 
@@ -38,7 +39,9 @@ class SystemClient:
 
     Every publish carries an idempotency key (made up when the caller gives none), so the
     retries it makes on UNAVAILABLE, with exponential backoff and full jitter, never store a
-    message twice.
+    message twice. A caller that retries a publish itself (after :class:`Unavailable`, say: the
+    message may have been stored) must give its own ``idempotency_key`` and use it again.
+    Rate limits (:class:`ResourceExhausted`, with ``retry_after``) are left to the caller.
 
     Example:
         .. code-block:: python
@@ -70,9 +73,9 @@ class SystemClient:
     Args:
         gate_address: ``host:port`` of a Gate, or a list of Gates to rotate through.
         api_key: One of the cluster's API keys (``PIGEON_API_KEYS``).
-        secure: Use TLS.
-        root_certificates: PEM root certificates for TLS.
-        timeout: Seconds each attempt may take.
+        secure: Use TLS (with the system's trusted roots unless ``root_certificates`` is given).
+        root_certificates: PEM root certificates for TLS; giving them turns TLS on.
+        timeout: Seconds each attempt may take (never past ``retry_timeout``).
         retry_timeout: Seconds to keep retrying an unavailable cluster before giving up.
         backoff: Delays between retries.
     """
@@ -96,6 +99,7 @@ class SystemClient:
         self._retry_timeout = retry_timeout
         self._backoff = backoff or Backoff(initial=0.1, max=5.0, multiplier=2.0)
         self._closed = False
+        self._closing = asyncio.Event()  # ends a wait between retries at once
 
     async def __aenter__(self) -> SystemClient:
         return self
@@ -109,8 +113,10 @@ class SystemClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channels. Safe to call twice."""
+        """Close the channels; a call waiting to retry ends with ClientClosed. Safe to call
+        twice."""
         self._closed = True
+        self._closing.set()
         await self._channels.close()
 
     async def publish(
@@ -142,10 +148,13 @@ class SystemClient:
         Raises:
             InvalidArgument: A bad recipient, an empty body, a limit passed.
             Unauthenticated: The API key is not valid.
+            PermissionDenied: The API key may not do this.
+            ResourceExhausted: The key's rate limit, or a request over the size limit.
             Unavailable: The cluster could not be reached within ``retry_timeout``.
+            ClientClosed: The client was closed meanwhile.
         """
         request = gate_pb2.PublishRequest(
-            to=[to] if isinstance(to, str) else list(to),
+            to=_users(to),
             body=body,
             title=title,
             metadata=dict(metadata or {}),
@@ -154,7 +163,7 @@ class SystemClient:
             idempotency_key=idempotency_key or uuid.uuid4().hex,
         )
         reply = await self._call(
-            lambda stub: stub.Publish(request, metadata=self._metadata, timeout=self._timeout)
+            lambda stub, timeout: stub.Publish(request, metadata=self._metadata, timeout=timeout)
         )
         return reply.message_id
 
@@ -162,15 +171,23 @@ class SystemClient:
         """Publish several messages in one call (far cheaper than one call each).
 
         Args:
-            publications: The messages; each gets an idempotency key unless it has one.
+            publications: The messages (at least one, at most the cluster's ``batch_max_size``,
+                256 by default, and 4 MiB in all); each gets an idempotency key unless it has
+                one.
 
         Returns:
             The message ids, in order.
+
+        Raises:
+            ValueError: ``publications`` is empty.
+            Everything :meth:`publish` raises.
         """
+        if not publications:
+            raise ValueError("publish_batch needs at least one Publication")
         request = gate_pb2.PublishRequest(
             batch=[
                 types_pb2.Publication(
-                    to=list(p.to),
+                    to=_users(p.to),
                     body=p.body,
                     title=p.title,
                     metadata=dict(p.metadata),
@@ -182,7 +199,7 @@ class SystemClient:
             ]
         )
         reply = await self._call(
-            lambda stub: stub.Publish(request, metadata=self._metadata, timeout=self._timeout)
+            lambda stub, timeout: stub.Publish(request, metadata=self._metadata, timeout=timeout)
         )
         return list(reply.message_ids)
 
@@ -190,25 +207,40 @@ class SystemClient:
         """Every live node and dispatcher with its addresses, version, uptime and load."""
         request = gate_pb2.ListNodesRequest()
         return await self._call(
-            lambda stub: stub.ListNodes(request, metadata=self._metadata, timeout=self._timeout)
+            lambda stub, timeout: stub.ListNodes(request, metadata=self._metadata, timeout=timeout)
         )
 
-    async def _call(self, call: Callable[[GateAsyncStub], Awaitable[T]]) -> T:
-        if self._closed:
-            raise ClientClosed("the client is closed")
+    async def _call(self, call: Callable[[GateAsyncStub, float], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self._retry_timeout
         attempt = 0
         while True:
+            # Each pass: a close() during the wait before a retry ends it here, with no channel
+            # opened after the close.
+            if self._closed:
+                raise ClientClosed("the client is closed")
             address = self._gates[self._gate_index % len(self._gates)]
+            timeout = max(0.001, min(self._timeout, deadline - time.monotonic()))
             try:
-                return await call(gate_pb2_grpc.GateStub(self._channels.get(address)))
+                return await call(gate_pb2_grpc.GateStub(self._channels.get(address)), timeout)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE:
+                # CANCELLED while this client is open: the Gate stopped mid-call (gRPC cancels
+                # the calls left at the end of its grace period); the publish may be stored.
+                stopped = exc.code() == grpc.StatusCode.CANCELLED and not self._closed
+                if exc.code() not in _RETRYABLE and not stopped:
                     raise from_rpc_error(exc) from exc
                 delay = self._backoff.delay(attempt)
                 if time.monotonic() + delay > deadline:
+                    if stopped:
+                        raise Unavailable(f"the Gate at {address} stopped during the call") from exc
                     raise from_rpc_error(exc) from exc
                 log.info("Gate %s: %s; retrying in %.2f s", address, exc.code(), delay)
                 self._gate_index += 1
                 attempt += 1
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._closing.wait()
+
+
+def _users(to: str | Sequence[str]) -> list[str]:
+    """One user id or several: a lone string is one user, not its letters."""
+    return [to] if isinstance(to, str) else list(to)
