@@ -359,7 +359,11 @@ class NodeConfig(CommonConfig):
     section: ClassVar[str] = "node"
 
     node_id: str = field(
-        default="", metadata=_rules("unique id of this node in the cluster; empty generates one")
+        default="",
+        metadata=_rules(
+            "unique id of this node in the cluster; empty generates one. A node started with the "
+            "id of a live one is refused (exit 2)"
+        ),
     )
     port: int = field(default=7071, metadata=_GRPC_PORT)
     http_port: int = field(default=8071, metadata=_HTTP_PORT)

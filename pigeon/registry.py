@@ -28,11 +28,13 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
+import aetcd.rpc
 import aetcd.rtypes
+import aetcd.transactions
 
 from pigeon.runtime import cancel_and_wait
 
-__all__ = ["PrefixWatch", "Registration", "RegistryUnavailableError"]
+__all__ = ["PrefixWatch", "Registration", "RegistryConflictError", "RegistryUnavailableError"]
 
 logger = logging.getLogger("pigeon.registry")
 
@@ -58,6 +60,19 @@ OnChange = Callable[[str, bytes | None], None]
 
 class RegistryUnavailableError(Exception):
     """etcd could not be reached (or did not answer in time) for an operation that needs it."""
+
+
+class RegistryConflictError(Exception):
+    """The key is held by another live process (two processes given one id)."""
+
+
+class _LeaseIs(aetcd.transactions.BaseCompare):  # type: ignore[misc]
+    """A transaction's comparison of a key's lease (aetcd has none of its own); a missing key
+    has lease 0."""
+
+    def build_compare(self, compare: Any) -> None:
+        compare.target = aetcd.rpc.Compare.LEASE
+        compare.lease = int(self.value)
 
 
 def _parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -232,9 +247,11 @@ class Registration:
         last: Exception | None = None
         for _ in range(self._conn.count):
             try:
-                async with self._lock:
-                    await self._register()
+                await self._register_waiting_out_a_holder()
                 break
+            except RegistryConflictError:
+                await self._conn.close()
+                raise
             except Exception as exc:
                 errors.append(f"{self._conn.endpoint}: {_describe(exc)}")
                 last = exc
@@ -252,6 +269,20 @@ class Registration:
             self._keepalive(), name=f"registration {self.key}"
         )
         return self
+
+    async def _register_waiting_out_a_holder(self) -> None:
+        """Register; if another process holds the key, wait a lease's life for it to go (a
+        crashed predecessor's key goes with its lease), then give up."""
+        deadline = asyncio.get_running_loop().time() + self._ttl + 2 * self._timeout
+        while True:
+            try:
+                async with self._lock:
+                    await self._register()
+                return
+            except RegistryConflictError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+            await asyncio.sleep(0.5)
 
     async def __aexit__(
         self,
@@ -345,15 +376,53 @@ class Registration:
         lease_id = int(lease.id)
         # etcd may raise a small ttl to its minimum; refresh on what was granted.
         self._ttl = max(self._ttl, int(lease.ttl))
-        await self._put(lease_id)
+        try:
+            await self._put(lease_id)
+        except RegistryConflictError:
+            with contextlib.suppress(Exception):
+                await self._conn.client().revoke_lease(lease_id)
+            raise
         self._lease_id = lease_id
         logger.info("registered %s under lease %x (ttl %ss)", self.key, lease_id, self._ttl)
 
     async def _put(self, lease_id: int) -> None:
+        """Put the key under our lease if it is ours or absent; never over another process's
+        (two processes given one id would otherwise take turns, and the one that stops would
+        take the other's key with it)."""
         value = self._value
-        await self._conn.client().put(self._key, value, lease=lease_id)
+        client = self._conn.client()
+        t = client.transactions
+        ours, replies = await client.transaction(
+            compare=[_LeaseIs(self._key) == lease_id],
+            success=[t.put(self._key, value, lease_id)],
+            failure=[
+                aetcd.transactions.Txn(
+                    compare=[t.create(self._key) == 0],
+                    success=[t.put(self._key, value, lease_id)],
+                    failure=[t.get(self._key)],
+                )
+            ],
+        )
+        if not ours and not replies[0].response_txn.succeeded:
+            [holder] = replies[0].response_txn.responses[0].response_range.kvs
+            raise RegistryConflictError(
+                f"{self.key} is held by another live process (lease {holder.lease:x}, value "
+                f"{holder.value[:200]!r}): two processes were given the same id"
+            )
         if value is self._value:
             self._dirty = False
+
+    async def _check_held(self) -> None:
+        """Put the key back if it is gone while our lease lives (another process with our id
+        took it over and then left). Call with the lock held."""
+        assert self._lease_id is not None
+        client = self._conn.client()
+        held, _ = await client.transaction(
+            compare=[_LeaseIs(self._key) == self._lease_id], success=[], failure=[]
+        )
+        if not held:
+            await self._put(self._lease_id)
+            logger.warning("%s was taken over by another process; registered it again", self.key)
 
     async def _refresh(self) -> None:
         """Refresh the lease, re-registering if it was lost. Call with the lock held."""
@@ -367,6 +436,8 @@ class Registration:
             await self._register()
         elif self._dirty:
             await self._put(self._lease_id)
+        else:
+            await self._check_held()
 
     async def _keepalive(self) -> None:
         interval = self._ttl / 3
@@ -380,6 +451,11 @@ class Registration:
             try:
                 async with self._lock:
                     await self._refresh()
+            except RegistryConflictError as exc:
+                # Not etcd's fault: another process holds the key; claimed again once it leaves.
+                logger.error("%s; retrying", exc)
+                delay = interval
+                continue
             except Exception as exc:  # the keepalive must outlive any outage
                 if not failing:
                     logger.warning(

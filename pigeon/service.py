@@ -20,7 +20,7 @@ from pigeon.config import CommonConfig, load_config
 from pigeon.errors import ConfigError
 from pigeon.http import HttpServer, base_routes
 from pigeon.ratelimit import RateLimiter
-from pigeon.registry import RegistryUnavailableError
+from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.runtime import configure_logging, freeze_heap, rescan_heap, run, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
 
@@ -67,7 +67,7 @@ def run_service(
     unmet: tuple[type[Exception], ...] = (RegistryUnavailableError, OSError, *fatal)
     try:
         return run(lambda: serve(config))
-    except ConfigError as exc:
+    except (ConfigError, RegistryConflictError) as exc:
         log.critical("cannot start: %s", exc)
         return 2
     except unmet as exc:

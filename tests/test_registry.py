@@ -20,7 +20,12 @@ import pytest
 from pigeon.config import CommonConfig
 from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
 from pigeon.membership import encode, registered
-from pigeon.registry import PrefixWatch, Registration, RegistryUnavailableError
+from pigeon.registry import (
+    PrefixWatch,
+    Registration,
+    RegistryConflictError,
+    RegistryUnavailableError,
+)
 from pigeon.v1 import types_pb2
 from tests.waiting import wait_until
 
@@ -512,3 +517,49 @@ async def test_watch_moves_to_another_member_when_its_member_loses_the_leader(
             await client.close()
             for member in members:
                 await asyncio.to_thread(member.stop)
+
+
+async def test_a_second_process_with_the_same_key_is_refused_and_the_first_keeps_it(
+    etcd: EtcdServer,
+) -> None:
+    client = client_for(etcd)
+    try:
+        async with Registration([etcd.endpoint], KEY, b"first", ttl=1) as first:
+            with pytest.raises(RegistryConflictError, match="same id"):
+                async with Registration([etcd.endpoint], KEY, b"second", ttl=1):
+                    pass
+            got = await client.get(KEY.encode())
+            assert got is not None and got.value == b"first" and got.lease == first.lease_id
+    finally:
+        await client.close()
+
+
+async def test_the_key_of_a_crashed_holder_is_waited_out(etcd: EtcdServer) -> None:
+    client = client_for(etcd)
+    try:
+        # A process that died holding the key: nobody refreshes its lease.
+        lease = await client.lease(2)
+        await client.put(KEY.encode(), b"dead", lease=lease.id)
+        async with Registration([etcd.endpoint], KEY, b"new", ttl=1) as registration:
+            got = await client.get(KEY.encode())
+            assert got is not None and got.value == b"new"
+            assert got.lease == registration.lease_id
+    finally:
+        await client.close()
+
+
+async def test_a_key_taken_over_and_then_left_is_registered_again(etcd: EtcdServer) -> None:
+    client = client_for(etcd)
+    try:
+        async with (
+            Registration([etcd.endpoint], KEY, b"mine", ttl=1),
+            PrefixWatch([etcd.endpoint], PREFIX, retry_interval=0.2) as watch,
+        ):
+            # Another process given the same id overwrites the key, then stops.
+            lease = await client.lease(10)
+            await client.put(KEY.encode(), b"intruder", lease=lease.id)
+            await watch.wait_for(lambda view: view.get(KEY) == b"intruder", timeout=5)
+            await client.revoke_lease(lease.id)
+            await watch.wait_for(lambda view: view.get(KEY) == b"mine", timeout=10)
+    finally:
+        await client.close()

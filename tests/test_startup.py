@@ -15,7 +15,7 @@ import pytest
 
 from pigeon.etcd_server import EtcdServer, free_port
 from pigeon.membership import decode_dispatcher
-from pigeon.registry import PrefixWatch
+from pigeon.registry import PrefixWatch, Registration
 
 pytestmark = pytest.mark.integration
 
@@ -182,3 +182,28 @@ async def test_a_gate_listening_on_every_address_serves_rest(etcd: EtcdServer) -
         process.terminate()
         async with asyncio.timeout(20):
             await process.wait()
+
+
+async def test_a_node_given_the_id_of_a_live_one_is_refused(etcd: EtcdServer) -> None:
+    # The live one: its key, kept alive under its lease.
+    async with Registration([etcd.endpoint], "/pigeon/nodes/node-x", b"live"):
+        process = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "node", "--etcd-endpoints", etcd.endpoint],
+            *["--node-id", "node-x", "--port", "0", "--http-port", "0"],
+            env={"PATH": "/usr/bin:/bin", **SECRETS},
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(60):
+                _, stderr = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        async with PrefixWatch([etcd.endpoint], "/pigeon/nodes/") as watch:
+            assert watch.view == {"/pigeon/nodes/node-x": b"live"}
+    assert process.returncode == 2
+    [line] = [text for text in stderr.decode().splitlines() if "CRITICAL" in text]
+    assert "cannot start: /pigeon/nodes/node-x is held by another live process" in line
+    assert "same id" in line
