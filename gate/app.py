@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -11,8 +12,16 @@ from pigeon.config import GateConfig
 from pigeon.membership import ClusterView
 from pigeon.ratelimit import RateLimiter
 from pigeon.rest import RestGateway, default_web_root
+from pigeon.runtime import cancel_and_wait
 from pigeon.server import PUBLIC, Principal, Service
-from pigeon.service import ChannelCache, channel_factory, listen, run_service, wait_for_stop
+from pigeon.service import (
+    ChannelCache,
+    Listeners,
+    channel_factory,
+    listen,
+    run_service,
+    wait_for_stop,
+)
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["main", "serve"]
@@ -47,6 +56,7 @@ async def serve(config: GateConfig) -> int:
             fallbacks=config.fallback_nodes,
             session_ttl=config.session_ttl,
             user_limit=RateLimiter(config.user_rate, config.user_burst, "user"),
+            etcd_up=lambda: view.watch.connected,
         )
         services = [Service(GATE, lambda s: gate_pb2_grpc.add_GateServicer_to_server(servicer, s))]
         auth = {f"/{GATE}/Connect": PUBLIC, f"/{GATE}/": system}
@@ -60,14 +70,24 @@ async def serve(config: GateConfig) -> int:
                 listen(config, services, auth, rest.routes) as listeners,
                 rest.forward_to(listeners.self_address, channel_factory(config)),
             ):
-                await listeners.grpc.set_serving(True)
-                log.info(
-                    "gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address
-                )
-                await wait_for_stop()
+                serving = asyncio.create_task(serve_once_loaded(view, listeners))
+                try:
+                    await wait_for_stop()
+                finally:
+                    await cancel_and_wait(serving)
         finally:
             await channels.close()
     return 0
+
+
+async def serve_once_loaded(view: ClusterView, listeners: Listeners) -> None:
+    """Report SERVING once the cluster was read from etcd: a Gate started while etcd is out of
+    reach comes up (and waits for it) but is not sent clients it can only turn away."""
+    if not view.watch.loaded.is_set():
+        log.warning("waiting for etcd before serving: no node is known yet")
+    await view.watch.loaded.wait()
+    await listeners.grpc.set_serving(True)
+    log.info("gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         fallbacks: how many fallback nodes a Connect answer lists.
         user_limit: limits each user's Connect calls (the guard's limits know only the
             callers it authenticates, and Connect's caller is known only once its token is).
+        etcd_up: whether the view of the cluster is being kept current (for error messages).
     """
 
     def __init__(
@@ -63,7 +64,9 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         fallbacks: int,
         session_ttl: float,
         user_limit: RateLimiter | None = None,
+        etcd_up: Callable[[], bool] = lambda: True,
     ) -> None:
+        self._etcd_up = etcd_up
         self._nodes = nodes
         self._dispatchers = dispatchers
         self._user_tokens = user_tokens
@@ -80,8 +83,9 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         ranked = rank_nodes(user_id, nodes, epsilon=self._epsilon)
         VIEW_SIZE.set(len(ranked))
         if not ranked:
+            where = "etcd is out of reach" if not self._etcd_up() else "none is registered in etcd"
             raise Unavailable(
-                "no healthy node: none is registered in etcd, or all are draining",
+                f"no healthy node: {where}, or all are draining",
                 reason="NO_HEALTHY_NODE",
             )
         return ranked

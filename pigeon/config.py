@@ -164,14 +164,17 @@ class CommonConfig:
         default="",
         repr=False,
         metadata=_rules(
-            "shared secret that internal RPCs (node <-> dispatcher, gate -> node) must carry; "
-            "also signs session tokens"
+            "required: shared secret that internal RPCs (node <-> dispatcher, gate -> node) must "
+            "carry; also signs session tokens"
         ),
     )
     jwt_secret: str = field(
         default="",
         repr=False,
-        metadata=_rules("HMAC secret of the user JWTs signed by the site's backend (HS*)"),
+        metadata=_rules(
+            "HMAC secret of the user JWTs signed by the site's backend (HS*); the Gate needs it, "
+            "or jwt_public_keys"
+        ),
     )
     api_keys: list[str] = field(
         default_factory=list,
@@ -1006,6 +1009,11 @@ def reference_markdown() -> str:
         for name in names:
             spec = specs[name]
             help_text = spec.help.replace("|", "\\|")
-            rows.append(f"| `{name}` | `{env_var(name)}` | `{_default_text(spec)}` | {help_text} |")
+            default = f"`{_default_text(spec)}`"
+            if svc is CommonConfig and any(
+                _specs(other)[name].default != spec.default for other in _SERVICES.values()
+            ):
+                default = "per service (below)"  # the ports: each service has its own
+            rows.append(f"| `{name}` | `{env_var(name)}` | {default} | {help_text} |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts) + "\n"

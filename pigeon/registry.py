@@ -497,6 +497,7 @@ class PrefixWatch:
     Attributes:
         view: key (the full key, as str) → value. Updated in place; do not modify it.
         connected: whether the watch is currently established.
+        loaded: set once the keys have been read from etcd at least once.
         revision: the last etcd revision reflected in :attr:`view` (0 before the first load).
 
     Args:
@@ -526,6 +527,8 @@ class PrefixWatch:
         self._on_change = on_change
         self.view: dict[str, bytes] = {}
         self.connected = False
+        # Set once the keys were read from etcd at least once (the view means something).
+        self.loaded = asyncio.Event()
         self.revision = 0
         self._needs_load = True
         self._changed = asyncio.Event()
@@ -608,6 +611,7 @@ class PrefixWatch:
                 self._notify(key, value)
         self.revision = int(result.header.revision)
         self._needs_load = False
+        self.loaded.set()
         self._signal()
 
     async def _run(self) -> None:

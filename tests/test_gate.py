@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pigeon.auth import mint_user_token
 from pigeon.local import LocalCluster, ServiceProcess
@@ -243,12 +244,21 @@ async def test_a_gate_restarted_while_etcd_is_down_serves_once_etcd_is_back(
         cluster.etcd.stop()
         cluster.gate.stop()
         cluster.gate.start()
-        cluster.gate.wait_healthy(30)
         channel, gate = gate_stub(cluster.gate)
         request = gate_pb2.ConnectRequest(token=token(cluster, "alice"))
-        code, message = await status_of(gate.Connect(request, timeout=5))
-        assert code == grpc.StatusCode.UNAVAILABLE and "no healthy node" in message
+        # Up (it answers) but not healthy: it knows no node and says why.
+        async with asyncio.timeout(20):
+            while True:
+                code, message = await status_of(gate.Connect(request, timeout=5))
+                if "no healthy node" in message:
+                    break
+                await asyncio.sleep(0.2)
+        assert code == grpc.StatusCode.UNAVAILABLE and "etcd is out of reach" in message
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         cluster.etcd.start()
+        await asyncio.to_thread(cluster.gate.wait_healthy, 30)
         async with asyncio.timeout(20):
             while True:
                 try:

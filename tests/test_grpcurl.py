@@ -34,7 +34,7 @@ grpcurl -plaintext $GATE list
 grpcurl -plaintext $GATE describe pigeon.v1.Node
 grpcurl -plaintext -d '{"service": "pigeon.v1.Gate"}' $GATE grpc.health.v1.Health/Check
 # The cluster as the Gate sees it (ops: an API key, as `pigeon up` prints it).
-grpcurl -plaintext -H "authorization: Bearer $PIGEON_API_KEYS" $GATE pigeon.v1.Gate/ListNodes
+grpcurl -plaintext -H "authorization: Bearer ${PIGEON_API_KEYS%%,*}" $GATE pigeon.v1.Gate/ListNodes
 # Connect as alice: the Gate picks her node and gives a session token for it.
 ALICE_JWT=$(pigeon token alice)
 CONNECT=$(grpcurl -plaintext -d "{\"token\": \"$ALICE_JWT\"}" $GATE pigeon.v1.Gate/Connect)
@@ -129,7 +129,8 @@ def test_the_readme_ops_lines_run_as_printed(cluster: LocalCluster, tmp_path: Pa
     env = {
         "PATH": f"{BIN}:/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/tmp"),
-        "PIGEON_API_KEYS": cluster.secrets.api_key,
+        # Several keys, as a cluster's settings often list: the lines use the first.
+        "PIGEON_API_KEYS": f"{cluster.secrets.api_key},another-key",
         "PIGEON_JWT_SECRET": cluster.secrets.jwt_secret,
     }
     result = subprocess.run(

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pigeon.auth import mint_user_token
 from pigeon.etcd_server import EtcdServer, free_port
 from pigeon.membership import decode_dispatcher
 from pigeon.registry import PrefixWatch, Registration
@@ -207,3 +208,44 @@ async def test_a_node_given_the_id_of_a_live_one_is_refused(etcd: EtcdServer) ->
     [line] = [text for text in stderr.decode().splitlines() if "CRITICAL" in text]
     assert "cannot start: /pigeon/nodes/node-x is held by another live process" in line
     assert "same id" in line
+
+
+async def test_a_gate_started_while_etcd_is_out_of_reach_serves_once_it_answers(
+    tmp_path: Path,
+) -> None:
+    etcd = EtcdServer(tmp_path / "etcd")
+    http_port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "gate", "--etcd-endpoints", etcd.endpoint],
+        *["--port", "0", "--http-port", str(http_port)],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+
+            async def health() -> int:
+                deadline = asyncio.get_running_loop().time() + 20
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        return (await http.get("/healthz")).status_code
+                    assert asyncio.get_running_loop().time() < deadline, "no answer"
+                    await asyncio.sleep(0.1)
+
+            # Up, but not to be sent clients: it knows no node and cannot learn of one.
+            assert await health() == 503
+            token = mint_user_token(SECRETS["PIGEON_JWT_SECRET"], "bob")
+            connect = await http.post("/v1/connect", json={"token": token})
+            assert connect.status_code == 503
+            assert "no healthy node: etcd is out of reach" in connect.json()["message"]
+            await asyncio.to_thread(etcd.start)
+            deadline = asyncio.get_running_loop().time() + 20
+            while await health() != 200:
+                assert asyncio.get_running_loop().time() < deadline, "not serving after etcd"
+                await asyncio.sleep(0.1)
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()
+        etcd.stop()
