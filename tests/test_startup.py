@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 SECRETS = {
     "PIGEON_CLUSTER_SECRET": "cluster secret of the test",
-    "PIGEON_JWT_SECRET": "jwt secret of the test",
+    "PIGEON_JWT_SECRET": "jwt secret of the start-up tests, 32+ bytes",
     "PIGEON_API_KEYS": "key of the test",
 }
 
