@@ -7,7 +7,7 @@ import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +25,23 @@ SECRETS = {
     "PIGEON_JWT_SECRET": "jwt secret of the start-up tests, 32+ bytes",
     "PIGEON_API_KEYS": "key of the test",
 }
+
+
+@contextlib.asynccontextmanager
+async def serving(service: str, etcd_endpoint: str, *args: str) -> AsyncIterator[None]:
+    """`python -m service` against etcd_endpoint, running for the block, stopped after it."""
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", service, "--etcd-endpoints", etcd_endpoint, *args],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.terminate()
+        async with asyncio.timeout(20):
+            await process.wait()
 
 
 def start(
@@ -126,14 +143,9 @@ def test_a_store_that_cannot_open_ends_the_start_in_one_line(tmp_path: Path) -> 
 async def test_a_service_listening_on_every_address_advertises_the_host_name(
     etcd: EtcdServer,
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "dispatcher", "--etcd-endpoints", etcd.endpoint],
-        *["--host", "0.0.0.0", "--port", "0", "--http-port", "0"],
-        env={"PATH": "/usr/bin:/bin", **SECRETS},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+    async with serving(
+        "dispatcher", etcd.endpoint, "--host", "0.0.0.0", "--port", "0", "--http-port", "0"
+    ):
         async with PrefixWatch([etcd.endpoint], "/pigeon/dispatchers/") as watch:
             await watch.wait_for(lambda view: len(view) == 1, timeout=20)
             [raw] = watch.view.values()
@@ -142,10 +154,6 @@ async def test_a_service_listening_on_every_address_advertises_the_host_name(
         host, _, port = info.address.rpartition(":")
         # Other machines cannot reach 0.0.0.0: the name of this one is what they are given.
         assert host == socket.gethostname() and int(port) > 0
-    finally:
-        process.terminate()
-        async with asyncio.timeout(20):
-            await process.wait()
 
 
 def test_a_gate_with_no_key_for_user_tokens_refuses_to_start() -> None:
@@ -159,14 +167,9 @@ def test_a_gate_with_no_key_for_user_tokens_refuses_to_start() -> None:
 
 async def test_a_gate_listening_on_every_address_serves_rest(etcd: EtcdServer) -> None:
     http_port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "gate", "--etcd-endpoints", etcd.endpoint, "--host", "0.0.0.0"],
-        *["--port", "0", "--http-port", str(http_port)],
-        env={"PATH": "/usr/bin:/bin", **SECRETS},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+    async with serving(
+        "gate", etcd.endpoint, "--host", "0.0.0.0", "--port", "0", "--http-port", str(http_port)
+    ):
         key = {"Authorization": f"Bearer {SECRETS['PIGEON_API_KEYS']}"}
         async with httpx.AsyncClient() as http:
             deadline = asyncio.get_running_loop().time() + 20
@@ -179,10 +182,6 @@ async def test_a_gate_listening_on_every_address_serves_rest(etcd: EtcdServer) -
                 assert asyncio.get_running_loop().time() < deadline, "no answer from the Gate"
                 await asyncio.sleep(0.1)
         assert "nodes" in reply.json()
-    finally:
-        process.terminate()
-        async with asyncio.timeout(20):
-            await process.wait()
 
 
 async def test_a_node_given_the_id_of_a_live_one_is_refused(etcd: EtcdServer) -> None:
@@ -215,15 +214,11 @@ async def test_a_gate_started_while_etcd_is_out_of_reach_serves_once_it_answers(
 ) -> None:
     etcd = EtcdServer(tmp_path / "etcd")
     http_port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "gate", "--etcd-endpoints", etcd.endpoint],
-        *["--port", "0", "--http-port", str(http_port)],
-        env={"PATH": "/usr/bin:/bin", **SECRETS},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+        async with (
+            serving("gate", etcd.endpoint, "--port", "0", "--http-port", str(http_port)),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http,
+        ):
 
             async def health() -> int:
                 deadline = asyncio.get_running_loop().time() + 20
@@ -245,7 +240,4 @@ async def test_a_gate_started_while_etcd_is_out_of_reach_serves_once_it_answers(
                 assert asyncio.get_running_loop().time() < deadline, "not serving after etcd"
                 await asyncio.sleep(0.1)
     finally:
-        process.terminate()
-        async with asyncio.timeout(20):
-            await process.wait()
         etcd.stop()
