@@ -81,6 +81,7 @@ def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> i
         nodes=args.nodes,
         gate_port=args.gate_port,
         gate_http_port=args.gate_http_port,
+        stop_with_parent=True,
     )
     stopping = False
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,6 +130,9 @@ class EtcdServer:
         advertise_peer_url: the peer URL the other members use to reach this one (a proxy in
             front of it, say); by default the one it listens on.
         extra_args: more command-line flags passed to etcd as they are.
+        stop_with_parent: etcd gets SIGTERM when the thread that started it ends (the process
+            killed, say), on Linux with util-linux's ``setpriv``; for a launcher that starts it
+            from its main thread (`pigeon up`), so a killed launcher leaves no etcd behind.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class EtcdServer:
         initial_cluster: str | None = None,
         advertise_peer_url: str | None = None,
         extra_args: Sequence[str] = (),
+        stop_with_parent: bool = False,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.host = host
@@ -153,6 +158,7 @@ class EtcdServer:
         self.initial_cluster = initial_cluster
         self.advertise_peer_url = advertise_peer_url
         self.extra_args = tuple(extra_args)
+        self.stop_with_parent = stop_with_parent
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -221,8 +227,13 @@ class EtcdServer:
         self._log_start = log.tell()
         # etcd reads ETCD_* variables as flags: keep the caller's environment from changing ours.
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD_")}
+        command = self.command()
+        setpriv = shutil.which("setpriv") if self.stop_with_parent else None
+        if setpriv:
+            # Exec'd by setpriv: etcd itself is the child, with the parent-death signal set.
+            command = [setpriv, "--pdeathsig", "TERM", "--", *command]
         self._proc = subprocess.Popen(
-            self.command(),
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -177,7 +177,8 @@ class LocalCluster:
     """etcd, dispatchers, a Gate and nodes on this machine, on the embedded SQLite store.
 
     Use as a context manager, or call start() and stop(). Everything started is stopped on exit,
-    also when start-up fails half-way.
+    also when start-up fails half-way. With ``stop_with_parent`` (a launcher that starts it from
+    its main thread) etcd also stops when this process is killed outright.
     """
 
     def __init__(
@@ -191,11 +192,14 @@ class LocalCluster:
         env: Mapping[str, str] | None = None,
         node_env: Mapping[str, str] | None = None,
         dispatcher_env: Mapping[str, str] | None = None,
+        stop_with_parent: bool = False,
     ) -> None:
         self.data_dir = data_dir
         base_env = dict(os.environ if env is None else env)
         self.secrets = ClusterSecrets.load(data_dir, base_env)
-        self.etcd = EtcdServer(data_dir / "etcd")
+        # A launcher killed outright (SIGKILL) leaves no etcd behind: the services watch their
+        # parent themselves (PIGEON_PARENT_PID); etcd is told by the kernel.
+        self.etcd = EtcdServer(data_dir / "etcd", stop_with_parent=stop_with_parent)
         self._env = {
             **base_env,
             "PIGEON_JWT_SECRET": self.secrets.jwt_secret,

@@ -194,3 +194,33 @@ def test_ctrl_c_during_the_start_up_stops_everything_started(tmp_path: Path) -> 
         assert [pid for pid in started if alive(pid)] == []
     finally:
         kill_all(process)
+
+
+def test_a_killed_pigeon_up_leaves_nothing_running(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    process = subprocess.Popen(
+        [
+            *[PIGEON, "up", "--data-dir", str(tmp_path / "up")],
+            *["--gate-port", str(free_port()), "--gate-http-port", str(free_port())],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    children: list[int] = []
+    try:
+        read_until(process, "Ctrl-C stops everything", timeout=60)
+        children = children_of(process.pid)
+        assert len(children) == 5  # etcd, the dispatcher, the gate and two nodes
+        process.kill()  # no chance to stop anything itself
+        process.wait(10)
+        deadline = time.monotonic() + 20
+        while [pid for pid in children if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [pid for pid in children if alive(pid)] == []
+    finally:
+        for pid in children:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        kill_all(process)
