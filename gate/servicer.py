@@ -33,6 +33,11 @@ VIEW_SIZE = Gauge("pigeon_gate_view_nodes", "Serving nodes in the Gate's view")
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 30.0
 
+# The longest the Gate waits for one node's answer to a publish when the caller set no deadline.
+NODE_CALL_TIMEOUT_S = 10.0
+# A node that fails like this may be down or hung: the next one can take the publish.
+_TRY_NEXT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 
 class GateServicer(gate_pb2_grpc.GateServicer):
     """Places users on nodes and forwards system messages to them.
@@ -146,16 +151,19 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             forwarded.idempotency_key = forwarded.idempotency_key or _new_key()
         metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "authorization"]
         last: PigeonError | None = None
-        for node in ranked:
+        for i, node in enumerate(ranked):
             stub = node_pb2_grpc.NodeStub(self._node_channel(node.address))
+            timeout = _attempt_timeout(context.time_remaining(), len(ranked) - i)
             try:
-                reply = await stub.Publish(forwarded, metadata=metadata, timeout=10)
+                reply = await stub.Publish(forwarded, metadata=metadata, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 last = from_rpc_error(exc)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in _TRY_NEXT:
                     PUBLISHES.labels(exc.code().name.lower()).inc()
                     raise last from exc
-                log.warning("publish: node %s unavailable, trying the next", node.node_id)
+                log.warning(
+                    "publish: node %s failed (%s), trying the next", node.node_id, exc.code().name
+                )
                 continue
             PUBLISHES.labels("ok").inc()
             return gate_pb2.PublishResponse.FromString(reply.SerializeToString())
@@ -176,6 +184,14 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             entry_d.CopyFrom(dispatcher)
             entry_d.uptime.FromNanoseconds(max(0, now - dispatcher.started_at.ToNanoseconds()))
         return reply
+
+
+def _attempt_timeout(remaining: float | None, nodes_left: int) -> float:
+    """How long one node gets: at most half of what the caller has left while another node
+    could still take the publish, so a hung node does not use up the caller's whole deadline."""
+    if remaining is None:
+        return NODE_CALL_TIMEOUT_S
+    return min(NODE_CALL_TIMEOUT_S, remaining / 2 if nodes_left > 1 else remaining)
 
 
 def _new_key() -> str:

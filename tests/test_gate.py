@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -53,6 +54,14 @@ def token(cluster: LocalCluster, user: str, **options: object) -> str:
 
 def api_key(cluster: LocalCluster) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {cluster.secrets.api_key}")]
+
+
+async def user_placed_on(gate: gate_pb2_grpc.GateStub, cluster: LocalCluster, node_id: str) -> str:
+    for candidate in (f"k-{i}" for i in range(100)):
+        request = gate_pb2.ConnectRequest(token=token(cluster, candidate))
+        if (await gate.Connect(request, timeout=5)).node_id == node_id:
+            return candidate
+    raise AssertionError(f"no user of 100 was placed on {node_id}")
 
 
 async def status_of(call: object) -> tuple[grpc.StatusCode, str]:
@@ -207,14 +216,7 @@ async def test_a_killed_node_leaves_the_view_within_its_lease_and_publish_fails_
 ) -> None:
     with LocalCluster(tmp_path, nodes=2, gate_port=0, gate_http_port=0, env=ENV) as cluster:
         channel, gate = gate_stub(cluster.gate)
-        # Find a user placed on node-1, then kill node-1.
-        user = ""
-        for candidate in (f"k-{i}" for i in range(100)):
-            request = gate_pb2.ConnectRequest(token=token(cluster, candidate))
-            if (await gate.Connect(request, timeout=5)).node_id == "node-1":
-                user = candidate
-                break
-        assert user
+        user = await user_placed_on(gate, cluster, "node-1")
         cluster.nodes[0].kill()
         # Publishing to that user right away retries on the surviving node.
         reply = await gate.Publish(
@@ -234,6 +236,37 @@ async def test_a_killed_node_leaves_the_view_within_its_lease_and_publish_fails_
                 await asyncio.sleep(0.2)
         placed = await gate.Connect(gate_pb2.ConnectRequest(token=token(cluster, user)))
         assert placed.node_id == "node-2"
+        await channel.close(None)
+
+
+async def test_a_hung_node_leaves_time_for_the_next_within_the_callers_deadline(
+    tmp_path: Path,
+) -> None:
+    with LocalCluster(tmp_path, nodes=2, gate_port=0, gate_http_port=0, env=ENV) as cluster:
+        channel, gate = gate_stub(cluster.gate)
+        user = await user_placed_on(gate, cluster, "node-1")
+        # Frozen, node-1 still holds its lease and its connection: the Gate keeps choosing it.
+        cluster.nodes[0].signal(signal.SIGSTOP)
+        try:
+            reply = await gate.Publish(
+                gate_pb2.PublishRequest(to=[user], body="taken by node-2", idempotency_key="h-1"),
+                metadata=api_key(cluster),
+                timeout=6,
+            )
+        finally:
+            cluster.nodes[0].signal(signal.SIGCONT)
+        assert reply.message_id
+        # node-1 wakes to the abandoned call; the message is still stored once.
+        client = ClusterClient(cluster)
+        try:
+            await asyncio.sleep(1)
+            for node in cluster.nodes:
+                inbox = await client.stub(node).ListMessages(
+                    node_pb2.ListMessagesRequest(), metadata=client.as_user(user, node), timeout=10
+                )
+                assert [m.id for m in inbox.messages] == [reply.message_id]
+        finally:
+            await client.close()
         await channel.close(None)
 
 
