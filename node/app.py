@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import secrets
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from node.core import NodeCore
 from node.relay import DispatcherRelay
@@ -16,6 +19,7 @@ from node.validate import Limits
 from pigeon import __version__
 from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig
+from pigeon.errors import ConfigError
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
 from pigeon.registry import RegistryUnavailableError
 from pigeon.rest import RestGateway
@@ -39,6 +43,55 @@ def make_store(config: NodeConfig) -> Store:
     from node.store.sqlite import SqliteStore
 
     return SqliteStore(config.sqlite_path, synchronous=config.sqlite_synchronous)
+
+
+def store_place(config: NodeConfig) -> str:
+    """The store the config names, for messages (no credentials)."""
+    if config.store == "mongodb":
+        return f"MongoDB database {config.mongodb_database!r}"
+    return f"SQLite file {os.path.abspath(config.sqlite_path)!r}"
+
+
+class SharedStoreCheck:
+    """Every node of a cluster must use one store: nodes with stores of their own would hand out
+    the same seqs for different messages, and clients drop a seq they have seen. Each node
+    registers its store's id; a node refuses to join nodes that show another, and warns when one
+    joins later (two started at the same moment)."""
+
+    def __init__(self, node_id: str, store_id: str, place: str) -> None:
+        self._node_id = node_id
+        self._store_id = store_id
+        self._place = place
+        self._reported: set[tuple[str, str]] = set()
+
+    def _others(self, nodes: Iterable[types_pb2.NodeInfo]) -> list[types_pb2.NodeInfo]:
+        return sorted(
+            (
+                n
+                for n in nodes
+                if n.node_id != self._node_id and n.store_id and n.store_id != self._store_id
+            ),
+            key=lambda n: n.node_id,
+        )
+
+    def _problem(self, others: list[types_pb2.NodeInfo]) -> str:
+        listed = ", ".join(f"{n.node_id} (store {n.store_id})" for n in others)
+        return (
+            f"node(s) {listed} use another message store than this node's {self._place} (store "
+            f"{self._store_id}); every node of a cluster must share one store: one SQLite file "
+            "that all nodes open on one machine, or one MongoDB database"
+        )
+
+    def before_joining(self, nodes: Iterable[types_pb2.NodeInfo]) -> None:
+        others = self._others(nodes)
+        if others:
+            raise ConfigError(self._problem(others), key="store")
+
+    def while_serving(self, nodes: Iterable[types_pb2.NodeInfo]) -> None:
+        others = [n for n in self._others(nodes) if (n.node_id, n.store_id) not in self._reported]
+        if others:
+            self._reported.update((n.node_id, n.store_id) for n in others)
+            log.error("%s", self._problem(others))
 
 
 def limits_of(config: NodeConfig) -> Limits:
@@ -103,14 +156,18 @@ async def serve(config: NodeConfig) -> int:
             if not await relay.wait_connected(within=5.0):
                 log.warning("not every dispatcher answered within 5 s; serving anyway")
             auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
-            await _serve(config, node_id, core, auth)
+            await _serve(config, node_id, core, auth, view)
     finally:
         await store.close()
     return 0
 
 
 async def _serve(
-    config: NodeConfig, node_id: str, core: NodeCore, auth: Mapping[str, Authenticator]
+    config: NodeConfig,
+    node_id: str,
+    core: NodeCore,
+    auth: Mapping[str, Authenticator],
+    view: ClusterView,
 ) -> None:
     servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
@@ -128,10 +185,18 @@ async def _serve(
             version=__version__,
             started_at=now_timestamp(),
             state=types_pb2.NODE_STATE_SERVING,
+            store_id=core.store.store_id,
         )
         info.heartbeat_interval.FromNanoseconds(int(config.heartbeat_interval * 1e9))
+        shared = SharedStoreCheck(node_id, core.store.store_id, store_place(config))
+        # Without etcd the registration below fails and says so; the check needs the view.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.etcd_timeout * 2):
+                await view.watch.loaded.wait()
+        shared.before_joining(view.nodes.values())
 
         def refresh() -> bool:
+            shared.while_serving(view.nodes.values())
             changed = (info.connections, info.users) != (
                 core.pool.connections,
                 core.pool.user_count,

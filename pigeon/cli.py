@@ -664,7 +664,9 @@ async def _nodes(args: argparse.Namespace) -> int:
         _print_json(json_format.MessageToDict(cluster, preserving_proto_field_name=True))
         return EXIT_OK
     states = {1: style.green("serving"), 2: style.yellow("draining")}
-    rows = [["NODE", "STATE", "ADDRESS", "HTTP", "CONNECTIONS", "USERS", "VERSION", "UPTIME"]]
+    rows = [
+        ["NODE", "STATE", "ADDRESS", "HTTP", "CONNECTIONS", "USERS", "VERSION", "UPTIME", "STORE"]
+    ]
     for n in cluster.nodes:
         rows.append(
             [
@@ -676,6 +678,7 @@ async def _nodes(args: argparse.Namespace) -> int:
                 str(n.users),
                 n.version,
                 _duration(n.uptime.ToNanoseconds() / 1e9),
+                n.store_id[:8],  # enough to tell stores apart; --json has the whole id
             ]
         )
     print(_table(rows, style) if cluster.nodes else style.red("no live nodes"))

@@ -270,6 +270,9 @@ def test_nodes_shows_the_cluster(up: Up) -> None:
     assert rows[3][0] == "DISPATCHER" and rows[4][:1] == ["dispatcher-1"]
     cluster = json.loads(up.run("nodes", "--json").ok())
     assert [n["node_id"] for n in cluster["nodes"]] == ["node-1", "node-2"]
+    # Both nodes share one store, and the table shows the start of its id.
+    [store_id] = {n["store_id"] for n in cluster["nodes"]}
+    assert rows[0][-1] == "STORE" and rows[1][-1] == rows[2][-1] == store_id[:8]
 
 
 def test_tokens_keys_and_the_gate_come_from_flags_or_the_environment(

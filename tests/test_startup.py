@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -15,8 +16,9 @@ import pytest
 
 from pigeon.auth import mint_user_token
 from pigeon.etcd_server import EtcdServer, free_port
-from pigeon.membership import decode_dispatcher
+from pigeon.membership import decode_dispatcher, encode
 from pigeon.registry import PrefixWatch, Registration
+from pigeon.v1 import types_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -207,6 +209,48 @@ async def test_a_node_given_the_id_of_a_live_one_is_refused(etcd: EtcdServer) ->
     [line] = [text for text in stderr.decode().splitlines() if "CRITICAL" in text]
     assert "cannot start: /pigeon/nodes/node-x is held by another live process" in line
     assert "same id" in line
+
+
+async def test_a_node_with_a_store_of_its_own_is_refused_and_one_joining_later_reported(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    node = [sys.executable, "-m", "node", "--etcd-endpoints", etcd.endpoint]
+    node += ["--port", "0", "--http-port", "0", "--load-report-interval", "0.2"]
+    first = await asyncio.create_subprocess_exec(
+        *node,
+        *["--node-id", "node-a", "--sqlite-path", str(tmp_path / "shared.db")],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert first.stderr is not None
+    try:
+        async with PrefixWatch([etcd.endpoint], "/pigeon/nodes/") as watch, asyncio.timeout(30):
+            while "/pigeon/nodes/node-a" not in watch.view:
+                await asyncio.sleep(0.1)
+            store_id = json.loads(watch.view["/pigeon/nodes/node-a"])["storeId"]
+        # A second node on a file of its own: refused, naming the node it differs from.
+        code, stderr = await asyncio.to_thread(
+            start, "node", "--node-id", "node-b", "--sqlite-path", str(tmp_path / "own.db"),
+            "--port", "0", "--http-port", "0", etcd=etcd.endpoint,
+        )  # fmt: skip
+        assert code == 2
+        [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
+        assert f"node-a (store {store_id}) use another message store" in line
+        assert str(tmp_path / "own.db") in line and "must share one store" in line
+        # One that registered at the same moment as another (so neither saw the other) is
+        # reported by the node that was there.
+        other = types_pb2.NodeInfo(node_id="node-c", address="127.0.0.1:1", store_id="elsewhere")
+        async with Registration([etcd.endpoint], "/pigeon/nodes/node-c", encode(other)):
+            async with asyncio.timeout(20):
+                while b"node-c (store elsewhere) use another" not in (
+                    line := await first.stderr.readline()
+                ):
+                    assert line, "the node ended"
+    finally:
+        first.terminate()
+        async with asyncio.timeout(20):
+            await first.communicate()
 
 
 async def test_a_gate_started_while_etcd_is_out_of_reach_serves_once_it_answers(

@@ -518,3 +518,23 @@ async def test_broadcast_pages_longer_than_one_read_chunk_skip_deleted_and_filte
     from_ops = await mongo.broadcasts_before("bob", None, 300, sender="ops")
     assert [e.seq for e in from_ops] == [s for s in visible[::-1] if s % 2]
     assert await mongo.unread_count("bob") == len(visible) - 3
+
+
+async def test_nodes_on_one_database_see_one_store_id_and_another_database_its_own(
+    mongo_uri: str,
+) -> None:
+    database = f"pigeon_id_{uuid.uuid4().hex[:8]}"
+    # Opened at once, as nodes started together do: one id is made, the others read it.
+    stores = [MongoStore(mongo_uri, database) for _ in range(3)]
+    other = MongoStore(mongo_uri, f"{database}_other")
+    try:
+        await asyncio.gather(*(store.open() for store in [*stores, other]))
+        ids = {store.store_id for store in stores}
+        assert len(ids) == 1 and "" not in ids and other.store_id not in ids | {""}
+        again = MongoStore(mongo_uri, database)
+        await again.open()
+        await again.close()
+        assert again.store_id in ids
+    finally:
+        for store in [*stores, other]:
+            await store.close()

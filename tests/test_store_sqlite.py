@@ -183,6 +183,12 @@ async def test_everything_survives_close_and_reopen(db_path: str) -> None:
         [again, fresh] = await second.append([msg(key="k2"), msg()])
         assert again.duplicate and again.id == inbox[2].id
         assert fresh.seqs == {"bob": 5}
+        # So did the store's id, which another file does not share.
+        other = SqliteStore(db_path + "-other")
+        await other.open()
+        await other.close()
+        assert len(first.store_id) == 32 and second.store_id == first.store_id
+        assert other.store_id not in ("", first.store_id)
     finally:
         await second.close()
 

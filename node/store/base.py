@@ -115,6 +115,11 @@ class Store(Protocol):
     Every method either completes or raises StoreError with nothing half-done.
     """
 
+    @property
+    def store_id(self) -> str:
+        """An id made once, when the store was created (known after `open`): nodes compare it
+        to find out whether they share one store."""
+
     async def open(self) -> None:
         """Connect and create the schema and indexes if missing."""
 

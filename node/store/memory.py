@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,11 @@ class MemoryStore:
         self._broadcasts: list[str] = []
         self._lock = asyncio.Lock()
         self.fail_writes = False
+        self._store_id = uuid.uuid4().hex
+
+    @property
+    def store_id(self) -> str:
+        return self._store_id
 
     async def open(self) -> None:
         return None

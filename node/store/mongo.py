@@ -16,6 +16,7 @@ Collections (all created with their indexes by ``open``):
 - ``broadcast_state``: a user's own state of one broadcast: (user, seq) unique, status 1 (read,
   only kept above broadcast_read_upto) or 2 (deleted, at any seq: a delete outlives "mark
   everything read").
+- ``meta``: facts about the store itself: ``{_id: "store", store_id}``, made by the first open.
 
 A user's unread count is ``counters.unread`` + broadcast head - broadcast_read_upto - their
 ``broadcast_state`` rows above broadcast_read_upto.
@@ -44,6 +45,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
@@ -162,6 +164,7 @@ class MongoStore:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._store_id = ""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -188,10 +191,36 @@ class MongoStore:
                         "a sharded cluster (it writes with multi-document transactions)"
                     )
                 await self._create_indexes()
+                self._store_id = await self._load_store_id()
         except BaseException:
             self._client = None
             await client.close()
             raise
+
+    @property
+    def store_id(self) -> str:
+        return self._store_id
+
+    async def _load_store_id(self) -> str:
+        meta = self._db()["meta"]
+        doc = None
+        for _ in range(5):
+            with contextlib.suppress(DuplicateKeyError):
+                doc = await meta.find_one_and_update(
+                    {"_id": "store"},
+                    {"$setOnInsert": {"store_id": uuid.uuid4().hex}},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            # Another node's upsert at the same moment can make this one fail on the key
+            # (MongoDB) or come back empty (secantusdb): the document is there to read then.
+            doc = doc or await meta.find_one({"_id": "store"})
+            if doc is not None:
+                break
+            await asyncio.sleep(0.05)
+        if doc is None or not isinstance(doc.get("store_id"), str):
+            raise StoreError(f"mongodb: {self._database}.meta has no usable store id: {doc!r}")
+        return str(doc["store_id"])
 
     async def _create_indexes(self) -> None:
         db = self._db()

@@ -13,6 +13,7 @@ Schema (``user_version`` 1):
 - ``counters``: per user, the inbox head seq, the exact number of unread inbox rows (so the unread
   count never scans the inbox) and ``broadcast_read_upto``, below which every broadcast is read.
 - ``broadcasts``: the broadcast stream, seq → message id.
+- ``meta``: facts about the store itself: ``store_id``, made when the file was created.
 - ``broadcast_state``: a user's individual state of one broadcast: status 1 (read) only above
   their ``broadcast_read_upto`` (rows at or below it are pruned as redundant when it moves up),
   status 2 (deleted) at any seq, since a delete must outlive "mark everything read".
@@ -31,6 +32,7 @@ import json
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from json.encoder import encode_basestring as _json_string
 from typing import Any, Final, TypeVar
@@ -80,6 +82,10 @@ CREATE TABLE IF NOT EXISTS inbox (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS inbox_status ON inbox (recipient, status, seq);
 CREATE INDEX IF NOT EXISTS inbox_message ON inbox (recipient, message_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     user TEXT PRIMARY KEY,
     head_seq INTEGER NOT NULL DEFAULT 0,
@@ -155,6 +161,11 @@ class SqliteStore:
         self._checkpointer: concurrent.futures.ThreadPoolExecutor | None = None
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._store_id = ""
+
+    @property
+    def store_id(self) -> str:
+        return self._store_id
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -271,6 +282,12 @@ class SqliteStore:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+                    (uuid.uuid4().hex,),
+                )
+                row = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+                self._store_id = str(row[0])
                 conn.execute("COMMIT")
             except BaseException:
                 _rollback(conn)

@@ -339,6 +339,7 @@ class NodeInfo(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    STORE_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The node's id, unique in the cluster."""
     address: _builtins.str
@@ -353,6 +354,10 @@ class NodeInfo(_message.Message):
     """Distinct users with at least one open stream on the node."""
     state: Global___NodeState.ValueType
     """Serving or draining."""
+    store_id: _builtins.str
+    """The id of the message store the node uses, made when the store was created. Every node of a
+    cluster must show the same one: a node whose store differs from the others' refuses to start.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """When the node started."""
@@ -378,10 +383,11 @@ class NodeInfo(_message.Message):
         state: Global___NodeState.ValueType = ...,
         uptime: _duration_pb2.Duration | None = ...,
         heartbeat_interval: _duration_pb2.Duration | None = ...,
+        store_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "started_at", b"started_at", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connections", b"connections", "heartbeat_interval", b"heartbeat_interval", "http_address", b"http_address", "node_id", b"node_id", "started_at", b"started_at", "state", b"state", "uptime", b"uptime", "users", b"users", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "connections", b"connections", "heartbeat_interval", b"heartbeat_interval", "http_address", b"http_address", "node_id", b"node_id", "started_at", b"started_at", "state", b"state", "store_id", b"store_id", "uptime", b"uptime", "users", b"users", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
