@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Sequence
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from google.protobuf.duration_pb2 import Duration
 from prometheus_client import Counter
@@ -581,6 +581,13 @@ class NodeCore:
         The stream joins the pool before the store is read, so nothing stored meanwhile is
         missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
         """
+        if since_seq is None or since_broadcast_seq is None:
+            # "From now" is now, before the stream joins the pool: a message stored while it
+            # opens (on any node) comes after this and is replayed, not taken as already seen.
+            head_seq, head_broadcast = await _read(self.store.heads(user_id))
+            since_seq = head_seq if since_seq is None else since_seq
+            if since_broadcast_seq is None:
+                since_broadcast_seq = head_broadcast
         # Counted until they end, not until they leave the pool: a stream cut as too slow stays
         # open while its client does not read the hint.
         open_streams = self._open_streams.get(user_id, 0)
@@ -623,7 +630,7 @@ class NodeCore:
             self._unread.forget(stream.user_id)
 
     async def _events(
-        self, stream: Stream, since_seq: int | None, since_broadcast_seq: int | None
+        self, stream: Stream, since_seq: int, since_broadcast_seq: int
     ) -> AsyncIterator[node_pb2.SubscribeResponse]:
         user_id = stream.user_id
         # Read the store only once messages stored from now on are sure to be routed here.
@@ -643,11 +650,14 @@ class NodeCore:
             cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
         )
         replayed = 0
-        # Without a cursor the stream starts at the heads: nothing to replay, no reads.
+        # A stream at its head (one opened "from now", mostly) has nothing to replay: no reads.
         streams_to_replay = [
             broadcast
-            for broadcast, cursor in ((False, since_seq), (True, since_broadcast_seq))
-            if cursor is not None
+            for broadcast, cursor, head in (
+                (False, seq, head_seq),
+                (True, broadcast_seq, head_broadcast),
+            )
+            if cursor < head
         ]
         for broadcast in streams_to_replay:
             while True:
@@ -699,6 +709,10 @@ class NodeCore:
                 broadcasts, filled_broadcast = await self._fill(
                     stream, broadcast_seq, broadcasts, head_broadcast, broadcast=True
                 )
+            if filled_seq or filled_broadcast:
+                # What came from the store came without a count (a lost relay's, say): the
+                # user's devices get one read after it.
+                self._unread.mark(user_id)
             chunks = list(self._chunks([*inbox, *broadcasts]))
             for chunk in chunks[:-1]:
                 seq, broadcast_seq = _advance(chunk, seq, broadcast_seq)
@@ -818,10 +832,8 @@ def _advance(messages: list[types_pb2.Message], seq: int, broadcast_seq: int) ->
     return seq, broadcast_seq
 
 
-def _start(cursor: int | None, head: int, name: str) -> int:
-    """Where a stream starts: the client's cursor, or the head (live only) without one."""
-    if cursor is None:
-        return head
+def _start(cursor: int, head: int, name: str) -> int:
+    """Where a stream starts: the client's cursor, if this store ever reached it."""
     if cursor > head:
         raise InvalidArgument(
             f"{name} {cursor} is ahead of the newest message ({head}); "
@@ -878,6 +890,9 @@ def _next_bound(taken: list[int], fetched: list[Entry], before: int | None) -> i
 
 
 def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
+    key = message.idempotency_key
+    if key and kind != Kind.USER:
+        key = _SYSTEM_KEY_PREFIX + key
     return NewMessage(
         id=new_message_id(),
         sender=sender,
@@ -887,8 +902,14 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
         body=message.body,
         metadata=message.metadata,
         created_at_ns=time.time_ns(),
-        idempotency_key=message.idempotency_key,
+        idempotency_key=key,
     )
+
+
+# Keys are scoped by sender, and a system sender's name (its source) is one a user may have as
+# well: a user called "shop" must not be able to take the shop's keys and so suppress its
+# messages. A checked key never holds control characters, so no user key can carry this prefix.
+_SYSTEM_KEY_PREFIX: Final = "\x1fsystem\x1f"
 
 
 def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:

@@ -14,7 +14,7 @@ import pytest
 
 from node.commit import GroupCommit
 from node.convert import to_proto
-from node.core import NodeCore
+from node.core import NodeCore, NoRelay
 from node.store.base import Entry, Kind, NewMessage, Stored, StoreError
 from node.store.memory import MemoryStore
 from node.store.sqlite import SqliteStore
@@ -552,3 +552,58 @@ def test_the_default_page_size_is_never_over_the_limit() -> None:
     assert check_page_size(10, Limits(max_page_size=10)) == 10
     with pytest.raises(InvalidArgument):
         check_page_size(11, Limits(max_page_size=10))
+
+
+async def test_a_user_named_like_a_system_source_cannot_take_its_idempotency_keys() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        # Users "system" and "shop" send first, with the keys the backend will use.
+        await core.send("system", [Outgoing(("mallory",), "", "mine", {}, "order-42")])
+        await core.send("shop", [Outgoing(("mallory",), "", "mine", {}, "order-43")])
+        published = await core.publish(
+            [
+                Outgoing(("bob",), "", "shipped", {}, "order-42"),
+                Outgoing(("bob",), "", "paid", {}, "order-43", source="shop"),
+            ]
+        )
+        assert [p.duplicate for p in published] == [False, False]
+        inbox = await store.inbox_after("bob", 0, 10)
+        assert [(e.sender, e.body) for e in inbox] == [("system", "shipped"), ("shop", "paid")]
+        # The backend's own retry is still stored once.
+        [again] = await core.publish([Outgoing(("bob",), "", "shipped", {}, "order-42")])
+        assert again.duplicate and again.id == published[0].id
+
+
+class _SlowRoutes(NoRelay):
+    """Dispatchers that take a while to confirm a new stream's routes."""
+
+    async def routes_ready(self) -> None:
+        await asyncio.sleep(0.3)
+
+
+async def test_a_stream_opened_from_now_gets_what_is_stored_while_it_opens() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5, relay=_SlowRoutes()) as core:
+        await core.send("alice", [outgoing("bob", "before")])
+        reader = Reader(core.subscribe("bob", None, None))
+        async with asyncio.timeout(5):
+            while not core.pool.holds("bob"):
+                await asyncio.sleep(0.005)
+        # Stored (and pushed) while the stream waits for its routes.
+        await core.send("alice", [outgoing("bob", "while opening")])
+        await core.send("alice", [outgoing("bob", "after")])
+        await reader.until(lambda r: r.seqs() == [2, 3])
+        assert reader.events[0].cursor.seq == 1  # "from now": the one before is not replayed
+        await reader.stop()
+
+
+async def test_a_message_filled_in_from_the_store_comes_with_a_fresh_unread_count() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        bob = Reader(core.subscribe("bob", 0, 0))
+        await bob.until(replayed)
+        # Stored by another node whose relay was lost; it asks the streams to check the store.
+        await store.append([NewMessage("other-1", "carol", Kind.USER, ("bob",), "", "x", {}, 1)])
+        core.receive([dispatcher_pb2.Envelope(recipient="bob", resync=True, origin_node_id="n2")])
+        await bob.until(lambda r: r.seqs() == [1] and _counts(r)[-1:] == [1])
+        await bob.stop()
