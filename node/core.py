@@ -101,6 +101,9 @@ class _Unread:
         self._dirty: dict[str, None] = {}
         self._generation: dict[str, int] = {}
         self._last: dict[str, int] = {}
+        # Per user, a broadcast seq that the last count sent surely includes (read before it):
+        # a broadcast at or below it is not one more.
+        self._covered: dict[str, int] = {}
         # The user whose count is being read now.
         self._counting: str | None = None
         self._wake = asyncio.Event()
@@ -124,22 +127,24 @@ class _Unread:
             self._changed(user_id)
             self._wake.set()
 
-    def one_more_for_everyone(self, counted: Collection[str] = ()) -> None:
-        """A broadcast is one more unread message for every user: add it to the last count
-        sent where there is one (no store reads for a fan-out), and count the rest.
+    def one_more_for_everyone(self, seq: int, counted: Collection[str] = ()) -> None:
+        """A broadcast (of that seq) is one more unread message for every user: add it to the
+        last count sent where there is one (no store reads for a fan-out), and count the rest.
 
-        Users in counted were sent a count that includes it already (stored in one write). A
+        Users in counted were sent a count that includes it already (stored in one write), and
+        so were users whose stream opened after it was stored (its relay can come later). A
         count that is queued or being read may miss changes before the broadcast that the last
         one sent does not have either: such users are counted again, from after it.
         """
         for user_id in self._pool.users():
-            if user_id in counted:
+            if user_id in counted or seq <= self._covered.get(user_id, 0):
                 continue
             last = self._last.get(user_id)
             if last is None or self._pending(user_id):
                 self.mark(user_id)
             else:
                 self.push(user_id, last + 1)
+                self._covered[user_id] = seq
 
     def push(self, user_id: str, count: int) -> None:
         """A count already known (from a change on this node or another) goes out at once."""
@@ -155,8 +160,11 @@ class _Unread:
         self._changed(user_id)
         self._last[user_id] = count
 
-    def welcomed(self, user_id: str, count: int) -> None:
-        """A new stream was sent the count it read; one queued or being read is newer."""
+    def welcomed(self, user_id: str, count: int, broadcast_head: int) -> None:
+        """A new stream was sent the count it read after the broadcast head (so the count has
+        every broadcast up to it); one queued or being read is newer."""
+        if self._pool.holds(user_id):
+            self._covered[user_id] = max(self._covered.get(user_id, 0), broadcast_head)
         if self._pending(user_id):
             return
         self.settle(user_id, count)
@@ -168,6 +176,7 @@ class _Unread:
     def forget(self, user_id: str) -> None:
         """The user's last stream here closed."""
         self._last.pop(user_id, None)
+        self._covered.pop(user_id, None)
         self._generation.pop(user_id, None)
 
     def _changed(self, user_id: str) -> None:
@@ -423,7 +432,7 @@ class NodeCore:
             stream.push((message,), None)
             pushed += 1
         DELIVERED.inc(pushed)
-        self._unread.one_more_for_everyone(counted)
+        self._unread.one_more_for_everyone(message.seq, counted)
 
     def receive(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
         """Deliver envelopes relayed from other nodes to the local streams they concern."""
@@ -639,7 +648,7 @@ class NodeCore:
         seq = _start(since_seq, head_seq, "since_seq")
         broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")
         unread = await _read(self.store.unread_count(user_id))
-        self._unread.welcomed(user_id, unread)
+        self._unread.welcomed(user_id, unread, head_broadcast)
         yield node_pb2.SubscribeResponse(
             welcome=node_pb2.Welcome(
                 user_id=user_id,

@@ -607,3 +607,29 @@ async def test_a_message_filled_in_from_the_store_comes_with_a_fresh_unread_coun
         core.receive([dispatcher_pb2.Envelope(recipient="bob", resync=True, origin_node_id="n2")])
         await bob.until(lambda r: r.seqs() == [1] and _counts(r)[-1:] == [1])
         await bob.stop()
+
+
+async def test_a_broadcast_whose_relay_comes_after_a_stream_opened_is_counted_once() -> None:
+    store = MemoryStore()
+    async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
+        # Another node stored a message and a broadcast; the broadcast's relay is on its way.
+        await store.append([NewMessage("m-1", "alice", Kind.USER, ("bob",), "", "hi", {}, 1)])
+        await store.append([NewMessage("b-1", "ops", Kind.BROADCAST, (), "", "all", {}, 2)])
+        bob = Reader(core.subscribe("bob", 0, 0))
+        await bob.until(replayed)
+        assert _counts(bob) == [2]
+        entry = await store.get("bob", "b-1")
+        assert entry is not None
+        core.receive(
+            [dispatcher_pb2.Envelope(broadcast=True, message=to_proto(entry), origin_node_id="n2")]
+        )
+        # A later broadcast is one more, and counted.
+        await store.append([NewMessage("b-2", "ops", Kind.BROADCAST, (), "", "", {}, 3)])
+        entry = await store.get("bob", "b-2")
+        assert entry is not None
+        core.receive(
+            [dispatcher_pb2.Envelope(broadcast=True, message=to_proto(entry), origin_node_id="n2")]
+        )
+        await bob.until(lambda r: _counts(r)[-1] == 3)
+        assert _counts(bob) == [2, 3] and await store.unread_count("bob") == 3
+        await bob.stop()
