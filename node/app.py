@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from node.core import NodeCore
-from node.relay import DispatcherRelay
+from node.relay import DispatcherRelay, RelayRefusedError
 from node.servicer import NodeServicer
 from node.store.base import Store, StoreError
 from node.validate import Limits
@@ -153,7 +153,11 @@ async def serve(config: NodeConfig) -> int:
         ):
             core.relay = relay
             # The supervisor opens the streams within a moment; checks of the view are periodic.
-            if not await relay.wait_connected(within=5.0):
+            try:
+                connected = await relay.wait_connected(within=5.0)
+            except RelayRefusedError as exc:
+                raise ConfigError(str(exc), key="cluster_secret") from exc
+            if not connected:
                 log.warning("not every dispatcher answered within 5 s; serving anyway")
             auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
             await _serve(config, node_id, core, auth, view)

@@ -27,7 +27,7 @@ from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
 if TYPE_CHECKING:
     from pigeon.v1.dispatcher_pb2_grpc import DispatcherAsyncStub
 
-__all__ = ["DispatcherRelay"]
+__all__ = ["DispatcherRelay", "RelayRefusedError"]
 
 log = logging.getLogger("pigeon.node.relay")
 
@@ -58,6 +58,21 @@ RETRYABLE = frozenset(
 )
 # gRPC refuses messages over 4 MB by default; stay well under it.
 MAX_REQUEST_BYTES = 1 << 20
+# How long the publisher waits after every dispatcher refused a batch, doubling to the most.
+REFUSED_BACKOFF = (0.1, 5.0)
+
+
+class RelayRefusedError(Exception):
+    """Every dispatcher refused this node's stream with a status retrying cannot change (a
+    cluster secret that is not theirs, mostly)."""
+
+    def __init__(self, refusals: Mapping[str, grpc.StatusCode]) -> None:
+        listed = ", ".join(f"{d} ({code.name})" for d, code in sorted(refusals.items()))
+        super().__init__(
+            f"every dispatcher refused this node: {listed}; PIGEON_CLUSTER_SECRET must be the "
+            "same on every node, dispatcher and Gate"
+        )
+        self.refusals = dict(refusals)
 
 
 def _prefix_within(
@@ -122,6 +137,8 @@ class _Link:
         self.unacked: deque[tuple[int, list[dispatcher_pb2.Envelope], float]] = deque()
         self.acked = asyncio.Event()
         self.deadline: asyncio.Timeout | None = None
+        # The status the dispatcher last refused the stream with (retrying cannot help), if any.
+        self.refused: grpc.StatusCode | None = None
 
     def add(self, user_id: str) -> None:
         self.removed.discard(user_id)
@@ -311,7 +328,8 @@ class DispatcherRelay:
         """Remember whose envelopes no dispatcher took. Their messages are stored; without a
         hint the recipients' streams on other nodes would see them only with a later message or
         a reconnect (their own dispatcher streams may never have broken)."""
-        DROPPED.inc(len(envelopes))
+        # Hints (resync envelopes) carry no message: only dropped messages count.
+        DROPPED.inc(sum(1 for e in envelopes if not e.resync))
         hints = self._hints
         for envelope in envelopes:
             if hints is None:
@@ -366,14 +384,24 @@ class DispatcherRelay:
                         link.applied.clear()
                         await link.applied.wait()
 
+    def refusals(self) -> dict[str, grpc.StatusCode]:
+        """The dispatchers (in the view) that refused this node's last stream, and how."""
+        return {
+            d: link.refused
+            for d in self._dispatchers()
+            if (link := self._links.get(d)) is not None and link.refused is not None
+        }
+
     async def wait_connected(self, within: float) -> bool:
         """Wait (bounded) until there is a connected stream to every dispatcher in the view, so a
         node starting up takes no users before it can be routed to. True if all connected."""
 
         def all_connected() -> bool:
+            dispatchers = self._dispatchers()
+            if dispatchers and len(self.refusals()) == len(dispatchers):
+                raise RelayRefusedError(self.refusals())
             return all(
-                (link := self._links.get(d)) is not None and link.connected
-                for d in self._dispatchers()
+                (link := self._links.get(d)) is not None and link.connected for d in dispatchers
             )
 
         try:
@@ -426,11 +454,18 @@ class DispatcherRelay:
                     self._publish_timeout,
                 )
             except grpc.aio.AioRpcError as exc:
-                log.warning(
-                    "stream to dispatcher %s broke (%s); resubscribing",
-                    link.dispatcher_id,
-                    exc.code().name,
-                )
+                refused = exc.code() not in RETRYABLE
+                if not refused or link.refused != exc.code():
+                    log.warning(
+                        "stream to dispatcher %s broke (%s: %s); resubscribing",
+                        link.dispatcher_id,
+                        exc.code().name,
+                        exc.details(),
+                    )
+                if refused:
+                    link.refused = exc.code()
+                    self._connected_changed.set()
+                    delay = max(delay, REFUSED_BACKOFF[1] / 4)
             finally:
                 link.deadline = None
                 call.cancel()
@@ -451,7 +486,7 @@ class DispatcherRelay:
                     if self._resync is not None and not self._closing:
                         self._resync()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, REFUSED_BACKOFF[1] if link.refused else 1.0)
 
     async def _read_link(
         self, link: _Link, call: AsyncIterable[dispatcher_pb2.DispatcherSubscribeResponse]
@@ -459,6 +494,7 @@ class DispatcherRelay:
         async for reply in call:
             if not link.connected:
                 link.connected = True
+                link.refused = None
                 self._connected_changed.set()
                 # Users who came while the stream opened are in reports after the opening one
                 # (routes_ready does not wait for a stream that is not connected yet): the
@@ -569,6 +605,7 @@ class DispatcherRelay:
     async def _publish_loop(self) -> None:
         failed = self._failed
         current: _Link | None = None
+        backoff = REFUSED_BACKOFF[0]
         while True:
             await self._outbox_ready.wait()
             if self._hints != {} and self._dispatchers():
@@ -599,6 +636,7 @@ class DispatcherRelay:
             batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
             self._in_flight = len(batch)
             request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
+            published = refused = False
             for info in order:
                 stub = self._publish_stub(info.address)
                 try:
@@ -611,30 +649,40 @@ class DispatcherRelay:
                     if isinstance(exc, asyncio.CancelledError) and _stopping():
                         raise
                     rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else None
-                    failed.add(info.dispatcher_id)
                     PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
-                    log.warning(
-                        "publish to dispatcher %s failed (%s); trying the next",
-                        info.dispatcher_id,
-                        rpc.code().name if rpc else "it left",
-                    )
-                    if rpc is not None and rpc.code() not in RETRYABLE:
-                        # Retrying cannot help; dropping keeps later envelopes moving (the
-                        # messages are stored, and streams resync).
-                        self._drop_in_flight(len(batch))
-                        break
+                    if info.dispatcher_id not in failed:
+                        # Once per spell of failures: a refusing dispatcher is retried for as
+                        # long as it refuses.
+                        log.warning(
+                            "publish to dispatcher %s failed (%s); trying the next",
+                            info.dispatcher_id,
+                            rpc.code().name if rpc else "it left",
+                        )
+                    failed.add(info.dispatcher_id)
+                    refused = refused or (rpc is not None and rpc.code() not in RETRYABLE)
                     continue
-                failed.discard(info.dispatcher_id)
+                if info.dispatcher_id in failed:
+                    failed.discard(info.dispatcher_id)
+                    log.info("publish to dispatcher %s works again", info.dispatcher_id)
                 del self._outbox[: len(batch)]
                 self._in_flight = 0
                 PUBLISHED.inc(len(batch))
+                published = True
                 break
-            else:
-                self._in_flight = 0
-                if not order:
-                    self._drop_in_flight(len(self._outbox))
-                # Every dispatcher refused: wait a little before the next round.
-                await asyncio.sleep(0.1)
+            if published:
+                backoff = REFUSED_BACKOFF[0]
+                continue
+            if refused:
+                # A dispatcher refused it (not only failed): retrying cannot help, and dropping
+                # keeps later envelopes moving (the messages are stored, and streams resync).
+                self._drop_in_flight(len(batch))
+            self._in_flight = 0
+            if not order:
+                self._drop_in_flight(len(self._outbox))
+            # Every dispatcher refused (a wrong cluster secret, say): wait, longer each time,
+            # before the next round, whose resync hints would only be refused too.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, REFUSED_BACKOFF[1])
 
     def _stream_for(self, order: list[types_pb2.DispatcherInfo]) -> _Link | None:
         """The first dispatcher in order whose stream takes envelopes, if any."""

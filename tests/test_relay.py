@@ -641,3 +641,39 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class _Refusing(dispatcher_pb2_grpc.DispatcherServicer):
+    """A dispatcher that refuses this node (another cluster secret, say)."""
+
+    def __init__(self) -> None:
+        self.publishes = 0
+
+    async def Subscribe(self, request_iterator: Any, context: Any) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster secret")
+
+    async def Publish(self, request: Any, context: Any) -> Any:
+        self.publishes += 1
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster secret")
+
+
+async def test_a_dispatcher_that_refuses_the_node_is_retried_with_backoff_not_in_a_loop() -> None:
+    refusing = _Refusing()
+    server = grpc.aio.server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(refusing, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    view = {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=f"127.0.0.1:{port}")}
+    dropped = REGISTRY.get_sample_value("pigeon_node_envelopes_dropped_total") or 0.0
+    try:
+        node = Node("a", view)
+        async with node.relay:
+            node.relay.relay(_envelopes("r", 3, "ria"))
+            # Refused batches turn into resync hints for the next round, which are refused too:
+            # rounds must come further and further apart, not back to back.
+            await asyncio.sleep(2)
+    finally:
+        await server.stop(None)
+    assert 1 <= refusing.publishes <= 10
+    # The three messages count as dropped; the hints that followed them carry none.
+    assert REGISTRY.get_sample_value("pigeon_node_envelopes_dropped_total") == dropped + 3

@@ -158,6 +158,23 @@ async def test_a_service_listening_on_every_address_advertises_the_host_name(
         assert host == socket.gethostname() and int(port) > 0
 
 
+async def test_a_node_whose_cluster_secret_the_dispatchers_refuse_does_not_start(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    async with serving("dispatcher", etcd.endpoint, "--port", "0", "--http-port", "0"):
+        async with PrefixWatch([etcd.endpoint], "/pigeon/dispatchers/") as watch:
+            await watch.wait_for(lambda view: len(view) == 1, timeout=20)
+        env = {**SECRETS, "PIGEON_CLUSTER_SECRET": "not the cluster's secret"}
+        code, stderr = await asyncio.to_thread(
+            start, "node", "--port", "0", "--http-port", "0",
+            "--sqlite-path", str(tmp_path / "pigeon.db"), env=env, etcd=etcd.endpoint,
+        )  # fmt: skip
+    assert code == 2
+    [line] = [text for text in stderr.splitlines() if "CRITICAL" in text]
+    assert "every dispatcher refused this node" in line and "(UNAUTHENTICATED)" in line
+    assert "PIGEON_CLUSTER_SECRET must be the same" in line
+
+
 def test_a_gate_with_no_key_for_user_tokens_refuses_to_start() -> None:
     env = {k: v for k, v in SECRETS.items() if k != "PIGEON_JWT_SECRET"}
     code, stderr = start("gate", "--port", "0", "--http-port", "0", env=env)
