@@ -21,7 +21,7 @@ from pigeon.auth import ApiKeys, SessionTokens
 from pigeon.config import NodeConfig
 from pigeon.errors import ConfigError
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
-from pigeon.registry import RegistryUnavailableError
+from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.rest import RestGateway
 from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import channel_factory, listen, run_service, wait_for_stop
@@ -140,30 +140,71 @@ async def serve(config: NodeConfig) -> int:
                 # between the two): the streams here check the store for their users.
                 on_node_left=lambda left: core.resync() if left != node_id else None,
             ) as view,
-            DispatcherRelay(
-                node_id=node_id,
-                cluster_secret=config.cluster_secret,
-                dispatchers=lambda: view.dispatchers,
-                users=core.pool.users,
-                deliver=core.receive,
-                report_interval=config.routing_report_interval_ms / 1000,
-                channel=channel_factory(config),
-                resync=core.resync,
-            ) as relay,
         ):
-            core.relay = relay
-            # The supervisor opens the streams within a moment; checks of the view are periodic.
-            try:
-                connected = await relay.wait_connected(within=5.0)
-            except RelayRefusedError as exc:
-                raise ConfigError(str(exc), key="cluster_secret") from exc
-            if not connected:
-                log.warning("not every dispatcher answered within 5 s; serving anyway")
-            auth = {f"/{NODE}/Publish": system, f"/{NODE}/": user}
-            await _serve(config, node_id, core, auth, view)
+            shared = await _may_join(config, node_id, core.store, view)
+            await _relay_and_serve(
+                config, node_id, core, view, shared, {f"/{NODE}/Publish": system, f"/{NODE}/": user}
+            )
     finally:
         await store.close()
     return 0
+
+
+async def _may_join(
+    config: NodeConfig, node_id: str, store: Store, view: ClusterView
+) -> SharedStoreCheck:
+    """Checks against the live nodes before this one shows itself to anyone (dispatchers,
+    Gates): they must share its store, and none may be a live process with its id."""
+    shared = SharedStoreCheck(node_id, store.store_id, store_place(config))
+    # Without etcd the registration fails later and says so; the checks need the view.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(config.etcd_timeout * 2):
+            await view.watch.loaded.wait()
+    shared.before_joining(view.nodes.values())
+    key = node_key(config.etcd_prefix, node_id)
+    if key in view.watch.view:
+        # Subscribed to the dispatchers, two processes with one id would take each other's
+        # streams over until the registration refuses one. A crashed predecessor's key goes
+        # with its lease: wait that long.
+        log.info("%s is registered: waiting up to a lease's life for it to go", key)
+        try:
+            await view.watch.wait_for(
+                lambda keys: key not in keys, config.lease_ttl + 2 * config.etcd_timeout
+            )
+        except TimeoutError:
+            raise RegistryConflictError(
+                f"{key} is held by another live process: two processes were given the same id"
+            ) from None
+    return shared
+
+
+async def _relay_and_serve(
+    config: NodeConfig,
+    node_id: str,
+    core: NodeCore,
+    view: ClusterView,
+    shared: SharedStoreCheck,
+    auth: Mapping[str, Authenticator],
+) -> None:
+    async with DispatcherRelay(
+        node_id=node_id,
+        cluster_secret=config.cluster_secret,
+        dispatchers=lambda: view.dispatchers,
+        users=core.pool.users,
+        deliver=core.receive,
+        report_interval=config.routing_report_interval_ms / 1000,
+        channel=channel_factory(config),
+        resync=core.resync,
+    ) as relay:
+        core.relay = relay
+        # The supervisor opens the streams within a moment; checks of the view are periodic.
+        try:
+            connected = await relay.wait_connected(within=5.0)
+        except RelayRefusedError as exc:
+            raise ConfigError(str(exc), key="cluster_secret") from exc
+        if not connected:
+            log.warning("not every dispatcher answered within 5 s; serving anyway")
+        await _serve(config, node_id, core, auth, view, shared)
 
 
 async def _serve(
@@ -172,6 +213,7 @@ async def _serve(
     core: NodeCore,
     auth: Mapping[str, Authenticator],
     view: ClusterView,
+    shared: SharedStoreCheck,
 ) -> None:
     servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
@@ -192,12 +234,6 @@ async def _serve(
             store_id=core.store.store_id,
         )
         info.heartbeat_interval.FromNanoseconds(int(config.heartbeat_interval * 1e9))
-        shared = SharedStoreCheck(node_id, core.store.store_id, store_place(config))
-        # Without etcd the registration below fails and says so; the check needs the view.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(config.etcd_timeout * 2):
-                await view.watch.loaded.wait()
-        shared.before_joining(view.nodes.values())
 
         def refresh() -> bool:
             shared.while_serving(view.nodes.values())

@@ -204,6 +204,26 @@ async def test_a_gate_listening_on_every_address_serves_rest(etcd: EtcdServer) -
 
 
 async def test_a_node_given_the_id_of_a_live_one_is_refused(etcd: EtcdServer) -> None:
+    dispatcher = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "dispatcher", "--etcd-endpoints", etcd.endpoint],
+        *["--port", "0", "--http-port", "0", "--log-level", "info"],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with PrefixWatch([etcd.endpoint], "/pigeon/dispatchers/") as watch:
+            await watch.wait_for(lambda view: len(view) == 1, timeout=20)
+        await _refused_as_a_duplicate(etcd)
+    finally:
+        dispatcher.terminate()
+        async with asyncio.timeout(20):
+            _, dispatcher_log = await dispatcher.communicate()
+    # It never showed itself to the dispatchers: it would have taken the live one's streams.
+    assert b"node-x subscribed" not in dispatcher_log
+
+
+async def _refused_as_a_duplicate(etcd: EtcdServer) -> None:
     # The live one: its key, kept alive under its lease.
     async with Registration([etcd.endpoint], "/pigeon/nodes/node-x", b"live"):
         process = await asyncio.create_subprocess_exec(
