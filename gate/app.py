@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 
-from gate.servicer import GateServicer
+from gate.servicer import GateServicer, track_view_size
 from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
 from pigeon.config import GateConfig
 from pigeon.membership import ClusterView
@@ -45,6 +45,7 @@ async def serve(config: GateConfig) -> int:
     async with ClusterView(
         config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
     ) as view:
+        track_view_size(lambda: view.nodes.values())
         servicer = GateServicer(
             nodes=lambda: list(view.nodes.values()),
             dispatchers=lambda: list(view.dispatchers.values()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from pigeon.errors import PigeonError, Unavailable, from_rpc_error
 from pigeon.ratelimit import RateLimiter
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
-__all__ = ["GateServicer"]
+__all__ = ["GateServicer", "track_view_size"]
 
 log = logging.getLogger("pigeon.gate")
 
@@ -28,6 +28,18 @@ CONNECTS = Counter("pigeon_gate_connects", "Gate.Connect calls by result", ["res
 PLACEMENTS = Counter("pigeon_gate_placements", "Users placed, by node", ["node_id"])
 PUBLISHES = Counter("pigeon_gate_publishes", "Gate.Publish calls by result", ["result"])
 VIEW_SIZE = Gauge("pigeon_gate_view_nodes", "Serving nodes in the Gate's view")
+
+
+def track_view_size(nodes: Callable[[], Iterable[types_pb2.NodeInfo]]) -> None:
+    """Make ``pigeon_gate_view_nodes`` count the serving nodes of ``nodes()`` at every scrape.
+
+    Read at scrape time, it follows the view with or without traffic; set from Connect and
+    Publish, it said 0 on a new Gate and went on counting nodes long gone once calls stopped.
+    """
+    VIEW_SIZE.set_function(
+        lambda: sum(node.state != types_pb2.NODE_STATE_DRAINING for node in nodes())
+    )
+
 
 # Reconnect backoff hints for clients (full jitter between 0 and the current delay).
 BACKOFF_INITIAL_S = 0.5
@@ -86,7 +98,6 @@ class GateServicer(gate_pb2_grpc.GateServicer):
     def _ranked(self, user_id: str) -> list[types_pb2.NodeInfo]:
         nodes = self._nodes()
         ranked = rank_nodes(user_id, nodes, epsilon=self._epsilon)
-        VIEW_SIZE.set(len(ranked))
         if not ranked:
             where = "etcd is out of reach" if not self._etcd_up() else "none is registered in etcd"
             raise Unavailable(

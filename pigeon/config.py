@@ -40,6 +40,9 @@ from typing import Any, ClassVar, TypeVar
 
 from pigeon.errors import ConfigError
 
+# The parser the etcd client itself uses: an endpoint passes here exactly when it can be dialled.
+from pigeon.registry import parse_endpoint
+
 __all__ = [
     "ENV_PREFIX",
     "JWT_ALGORITHMS",
@@ -113,6 +116,51 @@ def _check_algorithm(value: str) -> str | None:
     return None
 
 
+def _check_etcd_endpoint(value: str) -> str | None:
+    # Caught here, a typo is one line and exit 2; left to the registry, it was a traceback.
+    try:
+        _, port = parse_endpoint(value)
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"{value!r} is not host:port with a port from 1 to 65535 (e.g. 127.0.0.1:2379)"
+    return None
+
+
+# Below this a refused caller would be told to wait so long that the wait itself overflows
+# (RetryInfo holds at most ~10,000 years), and a limit that low is a typo for 0 anyway.
+_MIN_RATE = 0.01
+
+
+def _check_rate(value: float) -> str | None:
+    if 0 < value < _MIN_RATE:
+        return f"must be 0 (no limit) or at least {_MIN_RATE:g}, got {_number(value)}"
+    return None
+
+
+def _number(value: float) -> str:
+    """A bound or value for an error message: 2592000 rather than 2.592e+06, and no overflow on
+    an integer too long for a float."""
+    if isinstance(value, int):
+        digits = str(abs(value))
+        return str(value) if len(digits) <= 15 else f"a {len(digits)}-digit number"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:g}"
+
+
+# The rate limiter keeps each bucket as a float: a bigger burst is no limit at all, and a huge
+# one would not even convert.
+_MAX_BURST = 1_000_000
+
+
+def _heartbeat_rules(help: str) -> dict[str, Any]:
+    # Each heartbeat is a write to every idle stream, and its interval is announced to clients as
+    # a protobuf Duration: more often than every second only burns CPU, and rarer than hourly is
+    # no keep-alive (and a huge one cannot even be announced).
+    return _rules(f"{help}, seconds (1 to 3600)", positive=True, minimum=1, maximum=3600)
+
+
 _GRPC_PORT = _rules("gRPC listen port; 0 picks a free port", minimum=0, maximum=65535)
 _HTTP_PORT = _rules(
     "HTTP listen port (REST, metrics); 0 picks a free port", minimum=0, maximum=65535
@@ -139,6 +187,7 @@ class CommonConfig:
             "etcd endpoints as host:port, comma-separated; on a failure, or when the member in"
             " use has lost its leader, the next one is used",
             nonempty=True,
+            check=_check_etcd_endpoint,
         ),
     )
     etcd_prefix: str = field(
@@ -150,14 +199,23 @@ class CommonConfig:
         ),
     )
     etcd_timeout: float = field(
-        default=2.0, metadata=_rules("timeout of each etcd request, seconds", positive=True)
+        default=2.0,
+        metadata=_rules(
+            "timeout of each etcd request, seconds (0.1 to 60)",
+            positive=True,
+            minimum=0.1,
+            maximum=60,
+        ),
     )
     lease_ttl: int = field(
         default=5,
         metadata=_rules(
-            "TTL of the etcd lease behind this process's registration, seconds; a crashed "
-            "process leaves the cluster this long after its last keep-alive",
+            "TTL of the etcd lease behind this process's registration, seconds (2 to 3600); a "
+            "crashed process leaves the cluster this long after its last keep-alive",
             minimum=2,
+            # Unbounded, a TTL over etcd's limit failed only at start as "cannot register in
+            # etcd"; and a crashed process lingering in every view for over an hour helps no one.
+            maximum=3600,
         ),
     )
     cluster_secret: str = field(
@@ -212,8 +270,10 @@ class CommonConfig:
     grace_period: float = field(
         default=5.0,
         metadata=_rules(
-            "upper bound on draining and shutting down, seconds; streams still open then are cut",
+            "upper bound on draining and shutting down, seconds (0 to 3600); streams still "
+            "open then are cut",
             minimum=0,
+            maximum=3600,
         ),
     )
     cors_origins: list[str] = field(
@@ -235,25 +295,35 @@ class CommonConfig:
         default=100.0,
         metadata=_rules(
             "requests per second one user may make to this process (sustained); 0 turns the "
-            "limit off",
+            f"limit off, otherwise at least {_MIN_RATE:g}",
             minimum=0,
+            check=_check_rate,
         ),
     )
     user_burst: int = field(
         default=200,
-        metadata=_rules("requests one user may make at once above user_rate", minimum=1),
+        metadata=_rules(
+            f"requests one user may make at once above user_rate (1 to {_MAX_BURST})",
+            minimum=1,
+            maximum=_MAX_BURST,
+        ),
     )
     key_rate: float = field(
         default=2000.0,
         metadata=_rules(
             "requests per second one API key may make to this process (sustained); 0 turns the "
-            "limit off",
+            f"limit off, otherwise at least {_MIN_RATE:g}",
             minimum=0,
+            check=_check_rate,
         ),
     )
     key_burst: int = field(
         default=4000,
-        metadata=_rules("requests one API key may make at once above key_rate", minimum=1),
+        metadata=_rules(
+            f"requests one API key may make at once above key_rate (1 to {_MAX_BURST})",
+            minimum=1,
+            maximum=_MAX_BURST,
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -328,18 +398,28 @@ class GateConfig(CommonConfig):
     )
     jwt_leeway: float = field(
         default=10.0,
-        metadata=_rules("clock skew tolerated on exp/nbf/iat of tokens, seconds", minimum=0),
+        metadata=_rules(
+            "clock skew tolerated on exp/nbf/iat of tokens, seconds (0 to 300)",
+            minimum=0,
+            # More than minutes of skew is a broken clock, and it would keep expired tokens valid.
+            maximum=300,
+        ),
     )
     session_ttl: int = field(
         default=900,
-        metadata=_rules("lifetime of the session tokens the Gate issues, seconds", minimum=1),
+        metadata=_rules(
+            "lifetime of the session tokens the Gate issues, seconds (1 to 2592000, 30 days)",
+            minimum=1,
+            # Unbounded, a huge TTL made every Connect INTERNAL (the expiry is a protobuf
+            # Timestamp, which ends in 9999); a month is already far longer than a session needs.
+            maximum=30 * 24 * 3600,
+        ),
     )
     heartbeat_interval: float = field(
         default=15.0,
-        metadata=_rules(
+        metadata=_heartbeat_rules(
             "heartbeat interval the Gate tells clients to expect until their node's welcome "
-            "says its own (each node sets its own heartbeat_interval), seconds",
-            positive=True,
+            "says its own (each node sets its own heartbeat_interval)"
         ),
     )
     placement_epsilon: float = field(
@@ -450,17 +530,27 @@ class NodeConfig(CommonConfig):
     )
     heartbeat_interval: float = field(
         default=15.0,
-        metadata=_rules("interval of keep-alive events on client streams, seconds", positive=True),
+        metadata=_heartbeat_rules("interval of keep-alive events on client streams"),
     )
     load_report_interval: float = field(
         default=2.0,
-        metadata=_rules("interval of load updates written to etcd, seconds", positive=True),
+        metadata=_rules(
+            "interval of load updates written to etcd, seconds (0.1 to 300)",
+            positive=True,
+            # Each update is an etcd write; rarer than every few minutes leaves placement blind.
+            minimum=0.1,
+            maximum=300,
+        ),
     )
     routing_report_interval_ms: float = field(
         default=20.0,
         metadata=_rules(
-            "interval of user-routing updates sent to the dispatchers, milliseconds",
+            "interval of user-routing updates sent to the dispatchers, milliseconds (1 to 1000)",
             positive=True,
+            # Below a millisecond it is a busy loop; above a second a user who just connected
+            # is known to the dispatchers (and sent routed messages) only that much later.
+            minimum=1,
+            maximum=1000,
         ),
     )
 
@@ -600,11 +690,11 @@ class _Spec:
         if self.kind == "float" and not math.isfinite(value):
             return f"expected a finite number, got {value!r}"
         if self.positive and value <= 0:
-            return f"must be greater than 0, got {value:g}"
+            return f"must be greater than 0, got {_number(value)}"
         if self.minimum is not None and value < self.minimum:
-            return f"must be at least {self.minimum:g}, got {value:g}"
+            return f"must be at least {_number(self.minimum)}, got {_number(value)}"
         if self.maximum is not None and value > self.maximum:
-            return f"must be at most {self.maximum:g}, got {value:g}"
+            return f"must be at most {_number(self.maximum)}, got {_number(value)}"
         for item in items:
             if self.check is not None:
                 problem = self.check(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -12,6 +13,9 @@ from pigeon.errors import ResourceExhausted
 __all__ = ["RateLimiter"]
 
 LIMITED = Counter("pigeon_rate_limited", "Calls refused by a rate limit", ["kind"])
+
+# The shortest wait a refusal names, seconds.
+MIN_RETRY_AFTER = 0.001
 
 # Idle buckets are forgotten once there are this many, so memory stays bounded.
 MAX_BUCKETS = 100_000
@@ -58,7 +62,7 @@ class RateLimiter:
         wait = (1.0 - bucket.tokens) / self._rate
         raise ResourceExhausted(
             f"rate limit of {self._rate:g} requests/s per {self._kind} exceeded",
-            retry_after=round(wait, 3),
+            retry_after=_whole_ms(wait),
             reason="RATE_LIMITED",
         )
 
@@ -72,3 +76,12 @@ class RateLimiter:
             oldest = sorted(self._buckets, key=lambda k: self._buckets[k].updated)
             for key in oldest[: len(oldest) // 2]:
                 del self._buckets[key]
+
+
+def _whole_ms(wait: float) -> float:
+    """The wait rounded up to a millisecond, and never 0.
+
+    A refusal without a wait goes out without RetryInfo or Retry-After; rounding to the nearest
+    millisecond turned a bucket just short of a token into exactly that.
+    """
+    return max(MIN_RETRY_AFTER, math.ceil(wait * 1000) / 1000)

@@ -34,7 +34,13 @@ import aetcd.transactions
 
 from pigeon.runtime import cancel_and_wait
 
-__all__ = ["PrefixWatch", "Registration", "RegistryConflictError", "RegistryUnavailableError"]
+__all__ = [
+    "PrefixWatch",
+    "Registration",
+    "RegistryConflictError",
+    "RegistryUnavailableError",
+    "parse_endpoint",
+]
 
 logger = logging.getLogger("pigeon.registry")
 
@@ -75,7 +81,7 @@ class _LeaseIs(aetcd.transactions.BaseCompare):  # type: ignore[misc]
         compare.lease = int(self.value)
 
 
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """Split ``host:port`` (or ``http://host:port``, ``[::1]:2379``) into host and port."""
     text = endpoint.strip()
     parts = urlsplit(text if "//" in text else "//" + text)
@@ -115,7 +121,7 @@ class _Connection:
     def __init__(self, endpoints: list[str], timeout: float) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
-        self._endpoints = [_parse_endpoint(e) for e in endpoints]
+        self._endpoints = [parse_endpoint(e) for e in endpoints]
         self._index = 0
         self._timeout = timeout
         self._client: Any = None

@@ -1,6 +1,9 @@
 """Configuration: sources, precedence, and errors that name the bad key."""
 
 import dataclasses
+import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -384,3 +387,114 @@ def test_common_config_can_be_loaded_on_its_own():
 def test_a_group_commit_wait_over_a_second_is_refused():
     err = config_error(env={"PIGEON_BATCH_MAX_WAIT_MS": "5000"}, cls=NodeConfig)
     assert err.key == "PIGEON_BATCH_MAX_WAIT_MS" and "1000" in err.message
+
+
+# --- endpoints and bounds -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["garbage", "host:99999", "host:0", "host:", ":2379"])
+def test_a_malformed_etcd_endpoint_is_named_at_load_time(endpoint, tmp_path):
+    err = config_error(GateConfig, env={"PIGEON_ETCD_ENDPOINTS": f"127.0.0.1:2379,{endpoint}"})
+    assert err.key == "PIGEON_ETCD_ENDPOINTS"
+    assert f"{endpoint!r} is not host:port" in err.message
+    toml = write_toml(tmp_path, f'etcd_endpoints = ["{endpoint}"]\n')
+    assert config_error(NodeConfig, ["--config", toml]).key == "etcd_endpoints"
+
+
+def test_etcd_endpoints_in_every_accepted_form_load():
+    endpoints = ["127.0.0.1:2379", "[::1]:2379", "http://etcd-1:2379", "etcd-2:65535"]
+    env = {"PIGEON_ETCD_ENDPOINTS": ",".join(endpoints)}
+    assert load_config(NodeConfig, [], env).etcd_endpoints == endpoints
+
+
+@pytest.mark.parametrize("service", ["gate", "node", "dispatcher"])
+def test_a_malformed_etcd_endpoint_stops_a_service_with_one_line_and_exit_2(service):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PIGEON_ETCD_ENDPOINTS": "garbage",
+        "PIGEON_CLUSTER_SECRET": "cluster secret of the test",
+        "PIGEON_JWT_SECRET": "jwt secret of the config tests, 32+ bytes",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", service, "--port", "0", "--http-port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"python -m {service}: bad value for PIGEON_ETCD_ENDPOINTS: 'garbage' is not host:port "
+        "with a port from 1 to 65535 (e.g. 127.0.0.1:2379)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cls", "env", "expected"),
+    [
+        # Every Connect answered INTERNAL: the expiry did not fit a protobuf Timestamp.
+        (GateConfig, {"PIGEON_SESSION_TTL": "9" * 23}, "at most 2592000, got a 23-digit number"),
+        (GateConfig, {"PIGEON_SESSION_TTL": "2592001"}, "at most 2592000, got 2592001"),
+        # An idle node spun at 90 % CPU.
+        (NodeConfig, {"PIGEON_HEARTBEAT_INTERVAL": "0.000001"}, "at least 1, got 1e-06"),
+        (GateConfig, {"PIGEON_HEARTBEAT_INTERVAL": "0.000001"}, "at least 1, got 1e-06"),
+        (NodeConfig, {"PIGEON_HEARTBEAT_INTERVAL": "1e300"}, "at most 3600, got 1e+300"),
+        (NodeConfig, {"PIGEON_LOAD_REPORT_INTERVAL": "0.001"}, "at least 0.1, got 0.001"),
+        (NodeConfig, {"PIGEON_ROUTING_REPORT_INTERVAL_MS": "0.0001"}, "at least 1, got 0.0001"),
+        (NodeConfig, {"PIGEON_ROUTING_REPORT_INTERVAL_MS": "60000"}, "at most 1000, got 60000"),
+        # Refused by etcd at start, reported as etcd being out of reach (exit 1).
+        (DispatcherConfig, {"PIGEON_LEASE_TTL": "100000000000"}, "at most 3600, got 100000000000"),
+        (NodeConfig, {"PIGEON_ETCD_TIMEOUT": "0.001"}, "at least 0.1, got 0.001"),
+        (NodeConfig, {"PIGEON_ETCD_TIMEOUT": "1e9"}, "at most 60, got 1000000000"),
+        (NodeConfig, {"PIGEON_GRACE_PERIOD": "1e9"}, "at most 3600, got 1000000000"),
+        (GateConfig, {"PIGEON_JWT_LEEWAY": "86400"}, "at most 300, got 86400"),
+        (GateConfig, {"PIGEON_USER_RATE": "1e-300"}, "0 (no limit) or at least 0.01, got 1e-300"),
+        (
+            GateConfig,
+            {"PIGEON_KEY_BURST": "1" + "0" * 400},
+            "at most 1000000, got a 401-digit number",
+        ),
+    ],
+)
+def test_a_value_out_of_its_sensible_range_is_refused_at_load_time(cls, env, expected):
+    [(variable, _)] = env.items()
+    err = config_error(cls, env=env)
+    assert err.key == variable
+    assert err.message == f"bad value for {variable}: must be {expected}"
+
+
+def test_values_at_the_edges_of_their_ranges_load():
+    gate = load_config(
+        GateConfig,
+        [],
+        {
+            "PIGEON_SESSION_TTL": "2592000",
+            "PIGEON_HEARTBEAT_INTERVAL": "1",
+            "PIGEON_LEASE_TTL": "3600",
+            "PIGEON_USER_RATE": "0",
+            "PIGEON_KEY_RATE": "0.01",
+            "PIGEON_USER_BURST": "1000000",
+        },
+    )
+    assert (gate.session_ttl, gate.heartbeat_interval, gate.lease_ttl) == (2592000, 1.0, 3600)
+    assert (gate.user_rate, gate.key_rate, gate.user_burst) == (0.0, 0.01, 1_000_000)
+    node = load_config(
+        NodeConfig,
+        [],
+        {"PIGEON_LOAD_REPORT_INTERVAL": "0.1", "PIGEON_ROUTING_REPORT_INTERVAL_MS": "1"},
+    )
+    assert (node.load_report_interval, node.routing_report_interval_ms) == (0.1, 1.0)
+
+
+def test_a_range_written_in_a_help_text_is_the_range_enforced():
+    # The README's table shows the help texts: a range written there must not drift from the rule.
+    checked = 0
+    for cls in (GateConfig, NodeConfig, DispatcherConfig):
+        for f in dataclasses.fields(cls):
+            found = re.search(r"\(([0-9.]+) to ([0-9.]+)\b", f.metadata["help"])
+            if found is None:
+                continue
+            low, high = (float(found.group(1)), float(found.group(2)))
+            assert (low, high) == (f.metadata["minimum"], f.metadata["maximum"]), f.name
+            checked += 1
+    assert checked >= 10

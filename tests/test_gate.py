@@ -302,3 +302,27 @@ async def test_a_gate_restarted_while_etcd_is_down_serves_once_etcd_is_back(
                     await asyncio.sleep(0.2)
         assert placed.node_id == "node-1"
         await channel.close(None)
+
+
+async def test_the_view_size_gauge_follows_nodes_coming_and_going_without_traffic(
+    tmp_path: Path,
+) -> None:
+    async def gauge_becomes(cluster: LocalCluster, wanted: float) -> None:
+        seen = None
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    seen = await asyncio.to_thread(
+                        ClusterClient.metric, cluster.gate, "pigeon_gate_view_nodes"
+                    )
+                    if seen == wanted:
+                        return
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            raise AssertionError(f"pigeon_gate_view_nodes stayed {seen}, not {wanted}") from None
+
+    # No Connect or Publish in this test: the Gate only ever hears from etcd.
+    with LocalCluster(tmp_path, nodes=2, gate_port=0, gate_http_port=0, env=ENV) as cluster:
+        await gauge_becomes(cluster, 2)
+        cluster.nodes[1].stop()
+        await gauge_becomes(cluster, 1)

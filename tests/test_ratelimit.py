@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import grpc
 import grpc.aio
 import pytest
 from grpc_status import rpc_status
 
 from node.store.memory import MemoryStore
-from pigeon.errors import ResourceExhausted
+from pigeon.errors import ResourceExhausted, rich_status
 from pigeon.ratelimit import RateLimiter
 from pigeon.v1 import node_pb2
 from tests.node_harness import running_node
@@ -64,3 +66,28 @@ async def test_a_user_over_the_limit_gets_resource_exhausted_and_others_do_not()
         with pytest.raises(grpc.aio.AioRpcError) as by_key:
             await stub.Publish(publish, metadata=node.as_system())
         assert by_key.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.unit
+def test_a_refusal_just_short_of_a_token_still_names_a_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("pigeon.ratelimit.time", SimpleNamespace(monotonic=lambda: now[0]))
+    limiter = RateLimiter(rate=1, burst=1, kind="user")
+    limiter.take("alice")
+    # A tenth of a microsecond from the next token: a wait that rounded to 0 before.
+    now[0] += 0.9999999
+    with pytest.raises(ResourceExhausted) as caught:
+        limiter.take("alice")
+    assert caught.value.retry_after == 0.001
+    assert "retry after" in caught.value.message
+    kinds = {d.type_url.rsplit(".", 1)[-1] for d in rich_status(caught.value).details}
+    assert kinds == {"ErrorInfo", "RetryInfo"}
+    # Rounded up, never down: a caller who waits as told finds a token.
+    now[0] += caught.value.retry_after
+    limiter.take("alice")
+    now[0] += 0.0004
+    with pytest.raises(ResourceExhausted) as again:
+        limiter.take("alice")
+    assert again.value.retry_after == 1.0
