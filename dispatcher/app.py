@@ -11,7 +11,7 @@ from dispatcher.servicer import DispatcherServicer
 from pigeon import __version__
 from pigeon.auth import ClusterSecret
 from pigeon.config import DispatcherConfig
-from pigeon.membership import dispatcher_key, now_timestamp, registered
+from pigeon.membership import ClusterView, dispatcher_key, now_timestamp, registered
 from pigeon.server import Principal, Service
 from pigeon.service import listen, run_service, wait_for_stop
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
@@ -39,7 +39,18 @@ async def serve(config: DispatcherConfig) -> int:
             DISPATCHER, lambda s: dispatcher_pb2_grpc.add_DispatcherServicer_to_server(servicer, s)
         )
     ]
-    async with listen(config, services, {f"/{DISPATCHER}/": peer}) as listeners:
+    async with (
+        # Nodes that leave the cluster stop holding up the others' reports at once, even if
+        # their streams look open (a frozen or cut-off node's does, until keepalive gives up).
+        ClusterView(
+            config.etcd_endpoints,
+            config.etcd_prefix,
+            timeout=config.etcd_timeout,
+            on_node_left=router.node_left,
+            on_node_joined=router.node_joined,
+        ),
+        listen(config, services, {f"/{DISPATCHER}/": peer}) as listeners,
+    ):
         info = types_pb2.DispatcherInfo(
             dispatcher_id=dispatcher_id,
             address=listeners.address,

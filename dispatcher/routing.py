@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import Counter, Gauge
@@ -27,6 +28,11 @@ ROUTED_USERS = Gauge("pigeon_dispatcher_users", "Users with at least one node in
 MAX_REPLY_BYTES = 1 << 20
 # How long an acknowledgement of published envelopes may wait for company (seconds).
 PUBLISH_ACK_DELAY = 0.01
+# How long a report's acknowledgement waits for the other holders of its users (seconds): as
+# long as a node waits for it (its ready timeout), so a stalled node holds nobody up for longer.
+HOLD_TIMEOUT = 2.0
+
+log = logging.getLogger("pigeon.dispatcher")
 
 
 class NodeLink:
@@ -41,6 +47,7 @@ class NodeLink:
     def __init__(self, node_id: str, limit: int) -> None:
         self.node_id = node_id
         self.limit = limit
+        self._sent = SENT.labels(node_id)
         self.users: set[str] = set()
         self.applied_version = 0
         # The publish_seq of the node's last envelopes on this stream that are routed.
@@ -60,8 +67,9 @@ class NodeLink:
         self._shared_removed: set[str] = set()
         self.shared_version = 0
         self.applied_shared_version = 0
-        # Report acknowledgements held back: (report version, {other holder: shared version}).
-        self.held: list[tuple[int, dict[NodeLink, int]]] = []
+        # Report acknowledgements held back: (report version, {other holder: shared version},
+        # when to stop waiting).
+        self.held: list[tuple[int, dict[NodeLink, int], float]] = []
 
     def put(self, envelope: dispatcher_pb2.Envelope) -> None:
         if self.overflowed or self.closed:
@@ -72,8 +80,13 @@ class NodeLink:
             self.overflowed = True
             self._queue.clear()
             OVERFLOWS.inc()
-        SENT.labels(self.node_id).inc()
+        self._sent.inc()
         self._wake.set()
+
+    @property
+    def gone(self) -> bool:
+        """Whether nothing more reaches the node on this stream."""
+        return self.closed or self.overflowed
 
     def acknowledge(self, version: int) -> None:
         self.applied_version = version
@@ -190,6 +203,8 @@ class Router:
         self.queue_limit = queue_limit
         self.links: dict[str, NodeLink] = {}
         self.routes: dict[str, set[str]] = {}
+        # Nodes whose etcd key went and has not come back.
+        self.departed: set[str] = set()
 
     def attach(self, node_id: str) -> NodeLink:
         """A node subscribed; a newer stream from the same node replaces the older one."""
@@ -205,6 +220,8 @@ class Router:
         link.close()
         if self.links.get(link.node_id) is not link:
             return
+        # Node ids are made anew at each start unless configured: keep no series for old ones.
+        SENT.remove(link.node_id)
         del self.links[link.node_id]
         self._forget(link, link.users)
         link.users.clear()
@@ -238,7 +255,9 @@ class Router:
                         waits[other] = max(waits.get(other, 0), other.share(user))
         ROUTED_USERS.set(len(self.routes))
         if waits or link.held:
-            link.held.append((version, waits))
+            loop = asyncio.get_running_loop()
+            link.held.append((version, waits, loop.time() + HOLD_TIMEOUT))
+            loop.call_later(HOLD_TIMEOUT, self._release, link)
             self._release(link)
         else:
             link.acknowledge(version)
@@ -255,14 +274,29 @@ class Router:
                 self._release(link)
 
     def _release(self, link: NodeLink) -> None:
-        """Acknowledge, in order, the reports whose other holders have all caught up."""
+        """Acknowledge, in order, the reports whose other holders have all caught up, or that
+        waited for them long enough."""
+        now = asyncio.get_running_loop().time()
         while link.held:
-            version, waits = link.held[0]
-            if any(
-                not other.closed and other.applied_shared_version < needed
+            version, waits, until = link.held[0]
+            behind = [
+                other
                 for other, needed in waits.items()
-            ):
+                if not other.gone
+                and other.node_id not in self.departed
+                and other.applied_shared_version < needed
+            ]
+            if behind and now < until:
                 return
+            if behind:
+                log.warning(
+                    "node %s did not confirm in %.0f s that it shares users with node %s; "
+                    "acknowledging %s's report without it",
+                    ", ".join(sorted(other.node_id for other in behind)),
+                    HOLD_TIMEOUT,
+                    link.node_id,
+                    link.node_id,
+                )
             link.held.pop(0)
             link.acknowledge(version)
 
@@ -286,15 +320,35 @@ class Router:
         for envelope in envelopes:
             origin = envelope.origin_node_id
             if envelope.broadcast or self.mode == "broadcast":
-                for node_id, link in links.items():
+                for node_id, link in list(links.items()):
                     if node_id != origin:
                         link.put(envelope)
+                        if link.overflowed:
+                            self._fell_behind(link)
                 continue
             holders = self.routes.get(envelope.recipient)
             if not holders:
                 UNROUTED.inc()
                 continue
-            for node_id in holders:
+            # A copy: a holder that falls behind leaves the table during the loop.
+            for node_id in tuple(holders):
                 holder = links.get(node_id)
                 if holder is not None and node_id != origin:
                     holder.put(envelope)
+                    if holder.overflowed:
+                        self._fell_behind(holder)
+
+    def _fell_behind(self, link: NodeLink) -> None:
+        """A node's queue overflowed: it is routed to no more, and holds up no other node's
+        report, from now on. Its stream ends when its writer next looks, which may be much
+        later: it waits on the node to read (gRPC cannot end a stream from outside meanwhile)."""
+        self.detach(link)
+
+    def node_left(self, node_id: str) -> None:
+        """The node's etcd key went (it stopped, or its lease ran out: frozen, cut off). Its
+        stream may look open for a while yet; reports of other nodes wait for it no more."""
+        self.departed.add(node_id)
+        self._release_held()
+
+    def node_joined(self, node_id: str) -> None:
+        self.departed.discard(node_id)

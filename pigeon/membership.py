@@ -72,7 +72,8 @@ class ClusterView:
 
     Use as an async context manager; ``nodes`` and ``dispatchers`` are dicts by id, current as of
     the last etcd event (and kept while etcd is unreachable). ``on_node_left`` is called with the
-    id of a node whose key went away (it stopped, or its lease ran out).
+    id of a node whose key went away (it stopped, or its lease ran out), ``on_node_joined`` with
+    that of a node whose key appeared.
     """
 
     def __init__(
@@ -82,9 +83,11 @@ class ClusterView:
         *,
         timeout: float = 2.0,
         on_node_left: Callable[[str], None] | None = None,
+        on_node_joined: Callable[[str], None] | None = None,
     ) -> None:
         self._prefix = prefix
         self._on_node_left = on_node_left
+        self._on_node_joined = on_node_joined
         self.nodes: dict[str, types_pb2.NodeInfo] = {}
         self.dispatchers: dict[str, types_pb2.DispatcherInfo] = {}
         self.watch = PrefixWatch(endpoints, prefix, timeout=timeout, on_change=self._changed)
@@ -97,7 +100,10 @@ class ClusterView:
                 if self.nodes.pop(member_id, None) is not None and self._on_node_left is not None:
                     self._on_node_left(member_id)
             else:
+                joined = member_id not in self.nodes
                 self.nodes[member_id] = node
+                if joined and self._on_node_joined is not None:
+                    self._on_node_joined(member_id)
         elif kind == "dispatchers":
             dispatcher = decode_dispatcher(value) if value is not None else None
             if dispatcher is None:

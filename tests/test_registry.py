@@ -19,7 +19,7 @@ import pytest
 
 from pigeon.config import CommonConfig
 from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
-from pigeon.membership import encode, registered
+from pigeon.membership import ClusterView, encode, registered
 from pigeon.registry import (
     PrefixWatch,
     Registration,
@@ -563,3 +563,21 @@ async def test_a_key_taken_over_and_then_left_is_registered_again(etcd: EtcdServ
             await watch.wait_for(lambda view: view.get(KEY) == b"mine", timeout=10)
     finally:
         await client.close()
+
+
+async def test_the_cluster_view_tells_of_nodes_that_join_and_leave(etcd: EtcdServer) -> None:
+    events: list[tuple[str, str]] = []
+    view = ClusterView(
+        [etcd.endpoint],
+        "/pigeon/",
+        on_node_left=lambda node_id: events.append(("left", node_id)),
+        on_node_joined=lambda node_id: events.append(("joined", node_id)),
+    )
+    info = types_pb2.NodeInfo(node_id="n1", address="127.0.0.1:1")
+    async with view:
+        async with Registration([etcd.endpoint], "/pigeon/nodes/n1", encode(info)) as n1:
+            await wait_until(lambda: events == [("joined", "n1")], 10, "n1 to join")
+            info.connections = 3
+            await n1.update(encode(info))  # an update is no second join
+            await wait_until(lambda: view.nodes["n1"].connections == 3, 10, "the update")
+        await wait_until(lambda: events == [("joined", "n1"), ("left", "n1")], 10, "n1 to leave")

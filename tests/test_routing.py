@@ -104,3 +104,43 @@ async def test_held_acknowledgements_follow_report_order_and_a_leaving_node() ->
     assert b.applied_version == 3
     # Alice is b's alone now.
     assert "alice" not in b.shared
+
+
+def _stalled_holder_of_alice(router: Router) -> tuple[NodeLink, NodeLink]:
+    """Node a holds alice (and ann) and has stopped reading (it never applies news); node b reports her
+    too, then a user of its own."""
+    a, b = router.attach("a"), router.attach("b")
+    router.report(a, report("alice", "ann", full=True), 1)
+    router.report(b, report(full=True), 1)
+    router.report(b, report("alice"), 2)
+    router.report(b, report("bea"), 3)  # needs no one, but follows report 2
+    assert b.applied_version == 1
+    return a, b
+
+
+async def test_a_stalled_holder_holds_up_reports_for_a_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("dispatcher.routing.HOLD_TIMEOUT", 0.2)
+    router = Router("routed")
+    _, b = _stalled_holder_of_alice(router)
+    async with asyncio.timeout(5):
+        while b.applied_version < 3:
+            await asyncio.sleep(0.02)
+    # Nothing waits any more: a later report is acknowledged at once.
+    router.report(b, report("bill"), 4)
+    assert b.applied_version == 4
+
+
+async def test_a_holder_that_left_the_cluster_or_fell_behind_holds_up_no_report() -> None:
+    router = Router("routed")
+    a, b = _stalled_holder_of_alice(router)
+    router.node_left("a")  # its etcd key went; its stream may look open for long yet
+    assert b.applied_version == 3
+    router.node_joined("a")
+
+    router = Router("routed", queue_limit=2)
+    a, b = _stalled_holder_of_alice(router)
+    router.route([envelope("ann", origin="c") for _ in range(3)])  # a's queue overflows
+    assert a.overflowed and "a" not in router.links and router.routes["alice"] == {"b"}
+    assert b.applied_version == 3
