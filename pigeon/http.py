@@ -15,10 +15,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["HttpServer", "base_routes"]
+__all__ = ["WRITE_TIMEOUT", "HttpServer", "base_routes"]
 
 log = logging.getLogger("pigeon.http")
+
+WRITE_TIMEOUT = 30.0
+"""Seconds a client may leave sent data unacknowledged before its connection is dropped."""
 
 
 def base_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
@@ -51,6 +55,41 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
 
+class _Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, dropping a client that stops taking what it is sent.
+
+    Neither uvicorn nor asyncio bounds a write: a client that stops reading (a frozen tab, a
+    stuck proxy) keeps acknowledging the kernel's zero-window probes, so its connection, an event
+    stream's gRPC call and megabytes of socket buffer would stay for good. TCP_USER_TIMEOUT
+    (tcp(7)) makes the kernel reset such a connection, and it covers what an application-level
+    bound on ``send`` cannot: data already handed to the kernel after the last write. The reset
+    reaches uvicorn as a lost connection, so the app sees a disconnect and ends the response
+    (and any call behind it) as when a client leaves.
+    """
+
+    write_timeout = WRITE_TIMEOUT
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        sock = transport.get_extra_info("socket")
+        # Linux only; elsewhere a stalled client is held until it leaves.
+        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            milliseconds = max(1, round(self.write_timeout * 1000))
+            with contextlib.suppress(OSError):  # not TCP (a Unix socket)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, TimeoutError):
+            host, port = self.client or ("?", 0)
+            log.warning(
+                "HTTP client %s:%d took nothing of what it was sent for %gs: connection dropped",
+                host,
+                port,
+                self.write_timeout,
+            )
+        super().connection_lost(exc)
+
+
 class HttpServer:
     """uvicorn serving a Starlette app on the running loop, as an async context manager."""
 
@@ -65,8 +104,11 @@ class HttpServer:
         start_timeout: float = 10.0,
     ) -> None:
         self.app = Starlette(routes=list(routes))
+        # Read here rather than at import, so a test can shorten it.
+        protocol = type("_Protocol", (_Protocol,), {"write_timeout": WRITE_TIMEOUT})
         config = uvicorn.Config(
             self.app,
+            http=protocol,
             host=host,
             port=port,
             log_level="warning",

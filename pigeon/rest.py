@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 from starlette.background import BackgroundTask
 from starlette.datastructures import URLPath
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, Router
 from starlette.staticfiles import StaticFiles
@@ -59,6 +60,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pigeon import __version__
 from pigeon.errors import (
     DETAILS_METADATA_KEY,
+    DeadlineExceeded,
     Internal,
     InvalidArgument,
     NotFound,
@@ -79,7 +81,14 @@ from pigeon.openapi import (
 )
 from pigeon.server import MAX_REQUEST_BYTES
 
-__all__ = ["HTTP_STATUS", "RestGateway", "default_web_root", "http_status"]
+__all__ = [
+    "BODY_TIMEOUT",
+    "HTTP_STATUS",
+    "MAX_CREDENTIAL_LENGTH",
+    "RestGateway",
+    "default_web_root",
+    "http_status",
+]
 
 log = logging.getLogger("pigeon.rest")
 
@@ -114,6 +123,16 @@ SSE_RETRY_MS = 2000
 # Seconds a closing gateway gives its event streams to forward what their node sent last.
 STREAMS_END_WITHIN = 1.0
 
+BODY_TIMEOUT = 30.0
+"""Seconds a client has to send a request's whole body; slower gets 408."""
+
+MAX_CREDENTIAL_LENGTH = 4096
+"""Longest ``authorization`` value (or ``access_token`` with its ``Bearer`` prefix) passed on.
+
+gRPC refuses a call whose metadata passes 8 KiB (at random between that and 16 KiB) with
+RESOURCE_EXHAUSTED, which would reach the client as a 429 to retry; a real token is far shorter.
+"""
+
 _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     # Proxies such as nginx buffer responses unless told not to; events must not wait.
@@ -140,6 +159,7 @@ class _BadRequest(Exception):
         super().__init__(error.message)
         self.error = error
         self.status = status
+        self.headers: dict[str, str] = {}
 
 
 def _invalid(message: str, reason: str, **metadata: str) -> _BadRequest:
@@ -208,8 +228,14 @@ def _scalar(descriptor: FieldDescriptor, text: str, where: str) -> Any:
         if by_name is not None:
             return by_name.number
         # isascii: "²".isdigit() is true, but int("²") fails; one sign only ("--1" is no number).
+        # An enum number is 32-bit: more than 10 digits is none, and int() refuses over 4300.
         number = text.removeprefix("-")
-        if number.isascii() and number.isdigit() and int(text) in enum.values_by_number:
+        if (
+            number.isascii()
+            and number.isdigit()
+            and len(number) <= 10
+            and int(text) in enum.values_by_number
+        ):
             return int(text)
         names = ", ".join(v.name for v in enum.values)
         raise _invalid(
@@ -324,6 +350,12 @@ def _decode_json(body: bytes) -> Any:
         ) from None
     except RecursionError:
         raise _invalid("request body is nested too deeply", "BAD_JSON") from None
+    except ValueError:
+        # Python refuses to convert an integer with more digits than this (CVE-2020-10735).
+        raise _invalid(
+            f"request body has a number longer than {sys.get_int_max_str_digits()} digits",
+            "BAD_JSON",
+        ) from None
 
 
 def _parse_into(value: Any, message: Message, field: str | None) -> None:
@@ -623,6 +655,11 @@ class RestGateway:
             response = await self._dispatch(request)
         except _BadRequest as exc:
             response = _pigeon_error_response(exc.error, exc.status)
+            response.headers.update(exc.headers)
+        except ClientDisconnect:
+            # The client left while sending its body: nobody to answer, nothing went wrong here.
+            log.debug("REST %s %s: the client left mid-request", request.method, request.url.path)
+            return
         except Exception:
             incident = uuid.uuid4().hex[:12]
             # Only the method and path: the query may hold an access token.
@@ -645,17 +682,25 @@ class RestGateway:
                 matched.append((route, variables))
         if not matched:
             return _pigeon_error_response(NotFound("Not Found", reason="NO_ROUTE"))
+        # HEAD is GET without the body (RFC 9110 9.3.2); uvicorn leaves the body out.
+        method = "GET" if request.method == "HEAD" else request.method
         for route, found in matched:
-            if route.binding.http_method == request.method:
+            if route.binding.http_method == method:
                 variables = found
                 break
         else:
-            allowed = sorted({r.binding.http_method for r, _ in matched})
+            methods = {r.binding.http_method for r, _ in matched} | {"OPTIONS"}
+            if "GET" in methods:
+                methods.add("HEAD")
+            allow = ", ".join(sorted(methods))
+            # A CORS preflight never gets here: the CORS middleware answers it.
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers={"Allow": allow})
             status = status_pb2.Status(
                 code=grpc.StatusCode.UNIMPLEMENTED.value[0], message="Method Not Allowed"
             )
             response = _error_response(status, 405)
-            response.headers["Allow"] = ", ".join(allowed)
+            response.headers["Allow"] = allow
             return response
         if self._channel is None:
             return _pigeon_error_response(
@@ -702,18 +747,33 @@ class RestGateway:
     async def _read_body(self, request: Request) -> bytes:
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body_bytes:
-                raise _BadRequest(
-                    InvalidArgument(
-                        f"request body is larger than {self._max_body_bytes} bytes",
-                        reason="BODY_TOO_LARGE",
-                        limit=str(self._max_body_bytes),
-                    ),
-                    413,
-                )
-            chunks.append(chunk)
+        # Neither uvicorn nor the call's deadline bounds the upload: a client that sends headers
+        # and then a trickle (or nothing) would hold its connection and this task for good.
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self._max_body_bytes:
+                        raise _BadRequest(
+                            InvalidArgument(
+                                f"request body is larger than {self._max_body_bytes} bytes",
+                                reason="BODY_TOO_LARGE",
+                                limit=str(self._max_body_bytes),
+                            ),
+                            413,
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            error = _BadRequest(
+                DeadlineExceeded(
+                    f"the request body did not arrive within {BODY_TIMEOUT:g}s",
+                    reason="BODY_TIMEOUT",
+                ),
+                408,
+            )
+            # The rest of the body may still come: the connection cannot carry another request.
+            error.headers["Connection"] = "close"
+            raise error from None
         return b"".join(chunks)
 
     # Streams.
@@ -739,14 +799,17 @@ class RestGateway:
         except BaseException:
             self._end_stream(call)
             raise
+        media_type = "application/x-ndjson" if ndjson else "text/event-stream"
+        if request.method == "HEAD":
+            # The call is accepted (the credential and cursor are good): that is all HEAD asks.
+            self._end_stream(call)
+            return Response(media_type=media_type, headers=None if ndjson else _SSE_HEADERS)
         frames = self._frames(route, call, first, ndjson=ndjson)
         # The body generator cancels the call when it ends; the background task also covers a
         # client that leaves before the body's first chunk, when the generator never starts.
         end = BackgroundTask(self._end_stream, call)
-        if ndjson:
-            return StreamingResponse(frames, media_type="application/x-ndjson", background=end)
         return StreamingResponse(
-            frames, media_type="text/event-stream", headers=_SSE_HEADERS, background=end
+            frames, media_type=media_type, headers=None if ndjson else _SSE_HEADERS, background=end
         )
 
     def _end_stream(self, call: Any) -> None:
@@ -850,6 +913,9 @@ def _apply_resume(message: Any, request: Request) -> None:
             "BAD_CURSOR",
             field="Last-Event-ID",
         )
+    # 2**64 has 20 digits; int() would refuse a much longer one with a ValueError.
+    if len(seq_text) > 20 or len(broadcast_text) > 20:
+        raise _invalid("Last-Event-ID is out of range", "BAD_CURSOR", field="Last-Event-ID")
     seq, broadcast = int(seq_text), int(broadcast_text)
     if seq >= 2**64 or broadcast >= 2**64:
         raise _invalid("Last-Event-ID is out of range", "BAD_CURSOR", field="Last-Event-ID")
@@ -867,6 +933,14 @@ def _metadata(request: Request, route: _Route) -> list[tuple[str, str]]:
             authorization = f"Bearer {token}"
     if authorization is None:
         return []
+    if len(authorization) > MAX_CREDENTIAL_LENGTH:
+        raise _BadRequest(
+            Unauthenticated(
+                f"the authorization credential is longer than {MAX_CREDENTIAL_LENGTH} characters",
+                reason="BAD_AUTHORIZATION",
+            ),
+            401,
+        )
     # gRPC metadata is printable ASCII; anything else cannot be a valid credential anyway.
     if not (authorization.isascii() and authorization.isprintable()):
         raise _BadRequest(

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -27,6 +29,8 @@ import schemathesis
 from google.api import annotations_pb2, http_pb2  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+import pigeon.http
+import pigeon.rest
 from pigeon.auth import mint_user_token
 from pigeon.errors import PigeonError, ResourceExhausted
 from pigeon.http import HttpServer
@@ -141,7 +145,7 @@ class EchoBackend:
     async def stream(self, request: Any, _context: Any) -> AsyncIterator[Any]:
         try:
             for i in range(request.count):
-                yield Echo(name=f"event {i}", ids=["line\nbreak"])
+                yield Echo(name=f"event {i}{request.name}", ids=["line\nbreak"])
             self.stream_started.set()
             if request.flag:
                 await asyncio.Event().wait()  # hold the stream open until cancelled
@@ -378,7 +382,7 @@ async def test_unknown_routes_are_404_and_wrong_methods_405_as_json(echo: EchoAp
     wrong = await echo.http.delete("/v1/echo:post")
     assert wrong.status_code == 405
     assert wrong.json()["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
-    assert wrong.headers["allow"] == "POST"
+    assert wrong.headers["allow"] == "OPTIONS, POST"
 
 
 async def test_the_authorization_header_is_passed_through(echo: EchoApp) -> None:
@@ -453,6 +457,135 @@ async def test_stopping_forwarding_ends_open_streams_cleanly() -> None:
         assert rest == [""]
         async with asyncio.timeout(WAIT):
             await app.backend.stream_ended.wait()
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    client: httpx.AsyncClient, request: bytes, *, receive_buffer: int = 0
+) -> AsyncIterator[socket.socket]:
+    """A plain socket to the app that has sent ``request``: for what httpx will not do."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        if receive_buffer:
+            # Before connecting, so that the window the server sees is this small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        async with asyncio.timeout(WAIT):
+            await loop.sock_connect(sock, ("127.0.0.1", client.base_url.port or 80))
+            await loop.sock_sendall(sock, request)
+        yield sock
+    finally:
+        sock.close()
+
+
+async def read_to_end(sock: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = b""
+    async with asyncio.timeout(WAIT):
+        while chunk := await loop.sock_recv(sock, 65536):
+            received += chunk
+    return received
+
+
+async def test_a_client_that_stops_reading_a_stream_is_dropped_and_its_call_cancelled(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # raising=False: the test must also run (and fail) where the bound does not exist.
+    monkeypatch.setattr(pigeon.http, "WRITE_TIMEOUT", 0.5, raising=False)
+    caplog.set_level(logging.WARNING, logger="pigeon.http")
+    # Events of 8 KB, more than the client's buffers and the server's together can hold.
+    request = f"GET /v1/echo-stream?count=1000000&name={'x' * 8000} HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with (
+        echo_app() as app,
+        app.gateway.forward_to(app.grpc_address),
+        raw_connection(app.http, request.encode(), receive_buffer=4096) as never_reads,
+    ):
+        async with asyncio.timeout(WAIT):
+            await app.backend.stream_ended.wait()
+        # What the server had sent but the client had not taken is gone with the connection.
+        with pytest.raises(ConnectionResetError):
+            await read_to_end(never_reads)
+    assert "took nothing of what it was sent for 0.5s: connection dropped" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "content", "says", "reason"),
+    [
+        (
+            "POST",
+            "/v1/echo:post",
+            b'{"count": ' + b"1" * 5000 + b"}",
+            "request body has a number longer than 4300 digits",
+            "BAD_JSON",
+        ),
+        ("GET", "/v1/rooms/rooms/r/echo?kind=" + "1" * 5000, b"", "kind must be one of", ""),
+        ("GET", "/v1/rooms/rooms/r/echo?kind=-" + "9" * 5000, b"", "kind must be one of", ""),
+    ],
+)
+async def test_integers_too_long_for_python_are_400_not_500(
+    echo: EchoApp, method: str, url: str, content: bytes, says: str, reason: str
+) -> None:
+    reply = await echo.http.request(method, url, content=content)
+    assert reply.status_code == 400, reply.text
+    assert says in reply.json()["message"]
+    assert error_info(reply.json())["reason"] == (reason or "BAD_PARAMETER")
+
+
+async def test_an_over_long_credential_is_401_before_any_call(echo: EchoApp) -> None:
+    # Past gRPC's metadata limit, which would refuse the call with RESOURCE_EXHAUSTED (429).
+    header = await echo.http.get("/v1/echo/x", headers={"Authorization": "Bearer " + "a" * 20_000})
+    query = await echo.http.get("/v1/echo-stream?access_token=" + "a" * 12_000)
+    for reply in (header, query):
+        assert reply.status_code == 401, reply.text
+        assert "credential is longer than 4096 characters" in reply.json()["message"]
+        assert error_info(reply.json())["reason"] == "BAD_AUTHORIZATION"
+    assert echo.backend.tokens == []
+
+
+async def test_a_client_that_leaves_mid_upload_is_no_incident(
+    echo: EchoApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="pigeon.rest")
+    request = b'POST /v1/echo:post HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"name"'
+    async with raw_connection(echo.http, request):
+        pass
+    async with asyncio.timeout(WAIT):
+        while not [r for r in caplog.records if r.name == "pigeon.rest"]:
+            await asyncio.sleep(0.05)
+    assert [r.levelname for r in caplog.records if r.name == "pigeon.rest"] == ["DEBUG"]
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_408(
+    echo: EchoApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pigeon.rest, "BODY_TIMEOUT", 0.5, raising=False)
+    request = b"POST /v1/echo:post HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{"
+    async with raw_connection(echo.http, request) as slow:
+        # The server answers and closes: the rest of the body cannot start another request.
+        answer = await read_to_end(slow)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    assert b"connection: close" in head.lower()
+    assert error_info(json.loads(body))["reason"] == "BODY_TIMEOUT"
+
+
+async def test_head_is_get_without_the_body_and_options_lists_the_methods(echo: EchoApp) -> None:
+    get = await echo.http.get("/v1/echo/x?name=n")
+    head = await echo.http.head("/v1/echo/x?name=n")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "application/json"
+    assert head.headers["content-length"] == str(len(get.content))
+    # A stream: the call is made (so a bad credential still gets its 401), then ended.
+    stream = await echo.http.head("/v1/echo-stream?count=1&flag=true")
+    assert stream.status_code == 200 and stream.content == b""
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    async with asyncio.timeout(WAIT):
+        await echo.backend.stream_ended.wait()
+    options = await echo.http.options("/v1/echo/x")
+    assert options.status_code == 204 and options.headers["allow"] == "GET, HEAD, OPTIONS"
+    wrong = await echo.http.head("/v1/echo:post")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "OPTIONS, POST"
 
 
 def test_path_templates_follow_the_http_rule_grammar() -> None:
@@ -748,7 +881,7 @@ async def test_unknown_routes_and_methods_over_the_cluster(rest: Rest) -> None:
     assert (await rest.gate.get("/v1/messages")).status_code == 404  # a node route, not the Gate's
     assert (await rest.gate.get("/nope")).json()["code"] == 5
     wrong = await rest.gate.get("/v1/connect")
-    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "OPTIONS, POST"
 
 
 async def test_events_resume_with_last_event_id_and_miss_nothing(rest: Rest) -> None:
@@ -842,6 +975,9 @@ async def test_a_stream_refused_at_once_gets_its_http_status(rest: Rest) -> None
     assert error_info(ahead.json())["reason"] == "BAD_CURSOR"
     garbled = await hal.node.get("/v1/stream", headers={"Last-Event-ID": "seven"})
     assert garbled.status_code == 400 and "Last-Event-ID" in garbled.json()["message"]
+    # Longer than Python converts to an integer at all.
+    huge = await hal.node.get("/v1/stream", headers={"Last-Event-ID": "1" * 5000 + ".0"})
+    assert huge.status_code == 400 and "Last-Event-ID is out of range" in huge.json()["message"]
     async with httpx.AsyncClient(base_url=str(hal.node.base_url), timeout=WAIT) as anonymous:
         forged = await anonymous.get("/v1/stream?access_token=forged")
     assert forged.status_code == 401 and forged.json()["code"] == 16

@@ -107,8 +107,8 @@ async def test_held_acknowledgements_follow_report_order_and_a_leaving_node() ->
 
 
 def _stalled_holder_of_alice(router: Router) -> tuple[NodeLink, NodeLink]:
-    """Node a holds alice (and ann) and has stopped reading (it never applies news); node b reports her
-    too, then a user of its own."""
+    """Node a holds alice (and ann) and has stopped reading (it never applies news); node b
+    reports her too, then a user of its own."""
     a, b = router.attach("a"), router.attach("b")
     router.report(a, report("alice", "ann", full=True), 1)
     router.report(b, report(full=True), 1)
