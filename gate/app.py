@@ -7,7 +7,7 @@ import logging
 import sys
 
 from gate.servicer import GateServicer, track_view_size
-from pigeon.auth import ApiKeys, SessionTokens, UserTokenVerifier
+from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens, UserTokenVerifier
 from pigeon.config import GateConfig
 from pigeon.membership import ClusterView
 from pigeon.ratelimit import RateLimiter
@@ -58,6 +58,7 @@ async def serve(config: GateConfig) -> int:
             session_ttl=config.session_ttl,
             user_limit=RateLimiter(config.user_rate, config.user_burst, "user"),
             etcd_up=lambda: view.watch.connected,
+            cluster_secret=ClusterSecret(config.cluster_secret),
         )
         services = [Service(GATE, lambda s: gate_pb2_grpc.add_GateServicer_to_server(servicer, s))]
         auth = {f"/{GATE}/Connect": PUBLIC, f"/{GATE}/": system}

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge
 
 from gate.placement import rank_nodes
-from pigeon.auth import SessionTokens, UserTokenVerifier, bearer_token
+from pigeon.auth import ClusterSecret, SessionTokens, UserTokenVerifier, bearer_token
 from pigeon.errors import PigeonError, Unavailable, from_rpc_error
 from pigeon.ratelimit import RateLimiter
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
@@ -66,6 +66,8 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         user_limit: limits each user's Connect calls (the guard's limits know only the
             callers it authenticates, and Connect's caller is known only once its token is).
         etcd_up: whether the view of the cluster is being kept current (for error messages).
+        cluster_secret: what the Gate presents to the nodes it forwards publishes to (it has
+            checked the caller's API key itself).
     """
 
     def __init__(
@@ -80,10 +82,12 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         epsilon: float,
         fallbacks: int,
         session_ttl: float,
+        cluster_secret: ClusterSecret,
         user_limit: RateLimiter | None = None,
         etcd_up: Callable[[], bool] = lambda: True,
     ) -> None:
         self._etcd_up = etcd_up
+        self._node_metadata = (("authorization", f"Bearer {cluster_secret.value}"),)
         self._nodes = nodes
         self._dispatchers = dispatchers
         self._user_tokens = user_tokens
@@ -160,13 +164,12 @@ class GateServicer(gate_pb2_grpc.GateServicer):
                 publication.idempotency_key = publication.idempotency_key or _new_key()
         elif forwarded.to or forwarded.broadcast or forwarded.body:
             forwarded.idempotency_key = forwarded.idempotency_key or _new_key()
-        metadata = [(k, v) for k, v in context.invocation_metadata() or () if k == "authorization"]
         last: PigeonError | None = None
         for i, node in enumerate(ranked):
             stub = node_pb2_grpc.NodeStub(self._node_channel(node.address))
             timeout = _attempt_timeout(context.time_remaining(), len(ranked) - i)
             try:
-                reply = await stub.Publish(forwarded, metadata=metadata, timeout=timeout)
+                reply = await stub.Publish(forwarded, metadata=self._node_metadata, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 last = from_rpc_error(exc)
                 if exc.code() not in _TRY_NEXT:

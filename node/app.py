@@ -17,9 +17,9 @@ from node.servicer import NodeServicer
 from node.store.base import Store, StoreError
 from node.validate import Limits
 from pigeon import __version__
-from pigeon.auth import ApiKeys, SessionTokens
+from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens
 from pigeon.config import NodeConfig
-from pigeon.errors import ConfigError
+from pigeon.errors import ConfigError, PigeonError
 from pigeon.membership import ClusterView, node_key, now_timestamp, registered
 from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.rest import RestGateway
@@ -43,6 +43,20 @@ def make_store(config: NodeConfig) -> Store:
     from node.store.sqlite import SqliteStore
 
     return SqliteStore(config.sqlite_path, synchronous=config.sqlite_synchronous)
+
+
+def publishers(api_keys: ApiKeys, cluster: ClusterSecret) -> Authenticator:
+    """Who may call Node.Publish: a backend with an API key, or a Gate with the cluster secret
+    (it checked its caller's API key, which may be configured on the Gates alone)."""
+
+    def publisher(token: str | None) -> Principal:
+        try:
+            cluster.check(token)
+        except PigeonError:
+            return Principal("system", api_keys.check(token))
+        return Principal("cluster", "gate")
+
+    return publisher
 
 
 def store_place(config: NodeConfig) -> str:
@@ -108,15 +122,12 @@ def limits_of(config: NodeConfig) -> Limits:
 async def serve(config: NodeConfig) -> int:
     """Run a node until SIGINT or SIGTERM, then drain."""
     node_id = config.node_id or f"node-{secrets.token_hex(4)}"
-    api_keys = ApiKeys(config.api_keys)
+    publisher = publishers(ApiKeys(config.api_keys), ClusterSecret(config.cluster_secret))
     sessions = SessionTokens(config.cluster_secret)
 
     def user(token: str | None) -> Principal:
         claims = sessions.verify(token)
         return Principal("user", claims.user_id, sessions.usable_until(claims))
-
-    def system(token: str | None) -> Principal:
-        return Principal("system", api_keys.check(token))
 
     store = make_store(config)
     await store.open()
@@ -143,7 +154,12 @@ async def serve(config: NodeConfig) -> int:
         ):
             shared = await _may_join(config, node_id, core.store, view)
             await _relay_and_serve(
-                config, node_id, core, view, shared, {f"/{NODE}/Publish": system, f"/{NODE}/": user}
+                config,
+                node_id,
+                core,
+                view,
+                shared,
+                {f"/{NODE}/Publish": publisher, f"/{NODE}/": user},
             )
     finally:
         await store.close()

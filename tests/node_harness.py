@@ -10,10 +10,11 @@ from typing import Any
 
 import grpc.aio
 
+from node.app import publishers
 from node.core import NodeCore
 from node.servicer import NodeServicer
 from node.store.base import Store
-from pigeon.auth import ApiKeys, SessionTokens
+from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens
 from pigeon.ratelimit import RateLimiter
 from pigeon.server import GrpcServer, Principal, Service
 from pigeon.v1 import node_pb2, node_pb2_grpc
@@ -59,15 +60,14 @@ async def running_node(
         claims = sessions.verify(token)
         return Principal("user", claims.user_id, sessions.usable_until(claims))
 
-    def system(token: str | None) -> Principal:
-        return Principal("system", keys.check(token))
+    publisher = publishers(keys, ClusterSecret(CLUSTER_SECRET))
 
     async with NodeCore(store, node_id="node-test", **core_options) as core:
         servicer = NodeServicer(core)
         service = Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))
         async with GrpcServer(
             [service],
-            auth={f"/{NODE}/Publish": system, f"/{NODE}/": user},
+            auth={f"/{NODE}/Publish": publisher, f"/{NODE}/": user},
             grace=1,
             limits=limits,
         ) as server:

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pigeon.auth import mint_user_token
 from pigeon.local import LocalCluster, ServiceProcess
-from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2
+from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc
 from tests.cluster_client import ClusterClient
 
 pytestmark = pytest.mark.integration
@@ -326,3 +326,26 @@ async def test_the_view_size_gauge_follows_nodes_coming_and_going_without_traffi
         await gauge_becomes(cluster, 2)
         cluster.nodes[1].stop()
         await gauge_becomes(cluster, 1)
+
+
+async def test_a_key_configured_on_the_gate_alone_publishes_through_it(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path, nodes=1, gate_port=0, gate_http_port=0, env=ENV)
+    # The nodes know other keys (a backend that publishes to them directly, say).
+    cluster.nodes[0].env["PIGEON_API_KEYS"] = "a key of the nodes alone"
+    with cluster:
+        channel, gate = gate_stub(cluster.gate)
+        # The Gate checks the caller's key and forwards with the cluster secret.
+        reply = await gate.Publish(
+            gate_pb2.PublishRequest(to=["bob"], body="through the Gate"),
+            metadata=api_key(cluster),
+            timeout=10,
+        )
+        assert reply.message_id
+        await channel.close(None)
+        async with grpc.aio.insecure_channel(cluster.nodes[0].address) as node_channel:
+            node = node_pb2_grpc.NodeStub(node_channel)
+            request = node_pb2.NodePublishRequest(to=["bob"], body="straight to the node")
+            code, message = await status_of(node.Publish(request, metadata=api_key(cluster)))
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "invalid API key" in message
+            own = [("authorization", "Bearer a key of the nodes alone")]
+            assert (await node.Publish(request, metadata=own, timeout=10)).message_id

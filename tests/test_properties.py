@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from gate.servicer import GateServicer
 from node.validate import encode_page_token
-from pigeon.auth import SessionTokens, UserTokenVerifier, mint_user_token
+from pigeon.auth import ClusterSecret, SessionTokens, UserTokenVerifier, mint_user_token
 from pigeon.server import PUBLIC, GrpcServer, Principal, Service
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, types_pb2
 from tests.conftest_store import make_store
@@ -207,6 +207,7 @@ async def gate_server(node_address: str) -> AsyncIterator[str]:
         epsilon=0.25,
         fallbacks=2,
         session_ttl=60,
+        cluster_secret=ClusterSecret(CLUSTER_SECRET),
     )
     full = gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name
     from pigeon.auth import ApiKeys
