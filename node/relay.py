@@ -75,6 +75,20 @@ class RelayRefusedError(Exception):
         self.refusals = dict(refusals)
 
 
+def _parts(users: list[str], max_bytes: int) -> list[list[str]]:
+    """users in consecutive parts of at most max_bytes on the wire each (at least one part)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for user in users:
+        length = len(user.encode()) + 3  # the field's tag and length
+        if size + length > max_bytes and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1].append(user)
+        size += length
+    return parts
+
+
 def _prefix_within(
     envelopes: list[dispatcher_pb2.Envelope], count: int, max_bytes: int
 ) -> list[dispatcher_pb2.Envelope]:
@@ -531,11 +545,24 @@ class DispatcherRelay:
         # A new stream starts from a full report: the dispatcher forgot this node when the last
         # one ended.
         stream = link.start()
+        # In parts: a node's user ids can pass what one gRPC message may hold (4 MB). The parts
+        # after the first are additions, each its own version; their users count as shared
+        # until the dispatcher has applied the part that names them.
+        first, *rest = _parts(list(self._users()), MAX_REQUEST_BYTES)
+        version = link.sent_version
+        for number, part in enumerate(rest, 1):
+            for user in part:
+                link.unconfirmed[user] = version + number
+        link.sent_version = link.opening_version = version + len(rest)
         yield dispatcher_pb2.DispatcherSubscribeRequest(
             node_id=self._node_id,
-            report=dispatcher_pb2.RoutingReport(full=True, added=list(self._users())),
-            report_version=link.sent_version,
+            report=dispatcher_pb2.RoutingReport(full=True, added=first),
+            report_version=version,
         )
+        for number, part in enumerate(rest, 1):
+            yield dispatcher_pb2.DispatcherSubscribeRequest(
+                report=dispatcher_pb2.RoutingReport(added=part), report_version=version + number
+            )
         loop = asyncio.get_running_loop()
         report_due: float | None = None
         while True:
@@ -563,11 +590,18 @@ class DispatcherRelay:
             if report_due is not None and loop.time() >= report_due:
                 report_due = None
                 link.sent_version += 1
-                request.report.added.extend(link.added)
-                request.report.removed.extend(link.removed)
+                removed = _parts(list(link.removed), MAX_REQUEST_BYTES // 2)[0]
+                added = _parts(list(link.added), MAX_REQUEST_BYTES // 2)[0]
+                request.report.added.extend(added)
+                request.report.removed.extend(removed)
                 request.report_version = link.sent_version
-                link.added.clear()
-                link.removed.clear()
+                link.added.difference_update(added)
+                link.removed.difference_update(removed)
+                if link.added or link.removed:
+                    # More than one message holds: the rest goes in the next report, at once.
+                    report_due = loop.time()
+                    for user in link.added:
+                        link.unconfirmed[user] = link.sent_version + 1
             if link.ack_shared:
                 link.ack_shared = False
                 request.applied_shared_version = link.shared_version

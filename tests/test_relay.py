@@ -677,3 +677,23 @@ async def test_a_dispatcher_that_refuses_the_node_is_retried_with_backoff_not_in
     assert 1 <= refusing.publishes <= 10
     # The three messages count as dropped; the hints that followed them carry none.
     assert REGISTRY.get_sample_value("pigeon_node_envelopes_dropped_total") == dropped + 3
+
+
+async def test_a_node_with_more_user_ids_than_one_message_holds_subscribes(
+    dispatcher: tuple[grpc.aio.Server, dict[str, types_pb2.DispatcherInfo]],
+) -> None:
+    _, view = dispatcher
+    a, b = Node("a", view), Node("b", view)
+    # 36,000 ids of 128 characters: 4.7 MB, over gRPC's 4 MB for one message.
+    a.users.update(f"{i:0128d}" for i in range(36_000))
+    async with a.relay, b.relay:
+        await _two_nodes_connected(a, b)
+        await a.relay.routes_ready()
+        # b's envelopes reach a user of a's last part.
+        envelopes = _envelopes("p", 2, f"{35_999:0128d}")
+        for envelope in envelopes:
+            envelope.origin_node_id = "b"
+        b.relay.relay(envelopes)
+        await wait_until(lambda: a.got == ["p0", "p1"], 10, "the envelopes")
+        # And the parts' users count as held by a alone once the dispatcher has them all.
+        assert a.relay.elsewhere(f"{35_999:0128d}") is False
