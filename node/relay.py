@@ -56,6 +56,10 @@ RETRYABLE = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+# A dispatcher's answers that say this node is not let in (a cluster secret not theirs): the
+# stream is tried again only slowly, and a node every dispatcher refuses does not start. Others,
+# even INTERNAL (a stream reset while it opened, say), may pass.
+REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # gRPC refuses messages over 4 MB by default; stay well under it.
 MAX_REQUEST_BYTES = 1 << 20
 # How long the publisher waits after every dispatcher refused a batch, doubling to the most.
@@ -63,8 +67,8 @@ REFUSED_BACKOFF = (0.1, 5.0)
 
 
 class RelayRefusedError(Exception):
-    """Every dispatcher refused this node's stream with a status retrying cannot change (a
-    cluster secret that is not theirs, mostly)."""
+    """Every dispatcher refused this node's stream (UNAUTHENTICATED or PERMISSION_DENIED: a
+    cluster secret that is not theirs)."""
 
     def __init__(self, refusals: Mapping[str, grpc.StatusCode]) -> None:
         listed = ", ".join(f"{d} ({code.name})" for d, code in sorted(refusals.items()))
@@ -468,7 +472,7 @@ class DispatcherRelay:
                     self._publish_timeout,
                 )
             except grpc.aio.AioRpcError as exc:
-                refused = exc.code() not in RETRYABLE
+                refused = exc.code() in REFUSALS
                 if not refused or link.refused != exc.code():
                     log.warning(
                         "stream to dispatcher %s broke (%s: %s); resubscribing",

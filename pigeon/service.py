@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +77,10 @@ def run_service(
         # which, not a traceback.
         log.critical("%s: %s", "stopped" if _started else "cannot start", exc)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before the service took over its signals (during start-up).
+        log.warning("interrupted: stopped at once")
+        return 130
 
 
 @dataclass
@@ -240,3 +246,15 @@ async def wait_for_stop() -> None:
     finally:
         rescans.cancel()
     log.info("stop signal received")
+    # A second signal while the service drains: stop now, as asked. Exiting at once, past the
+    # interpreter's clean-up (gRPC's threads may still run; a KeyboardInterrupt raised among
+    # them could end in a traceback or a crash).
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _stop_now, sig)
+
+
+def _stop_now(sig: signal.Signals) -> None:
+    log.warning("%s again: stopped at once, without waiting for the drain", sig.name)
+    logging.shutdown()
+    os._exit(128 + sig)

@@ -5,20 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc.aio
 import httpx
 import pytest
 
-from pigeon.auth import mint_user_token
+from pigeon.auth import SessionTokens, mint_user_token
 from pigeon.etcd_server import EtcdServer, free_port
 from pigeon.membership import decode_dispatcher, encode
 from pigeon.registry import PrefixWatch, Registration
-from pigeon.v1 import types_pb2
+from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -322,3 +324,40 @@ async def test_a_gate_started_while_etcd_is_out_of_reach_serves_once_it_answers(
                 await asyncio.sleep(0.1)
     finally:
         etcd.stop()
+
+
+async def test_a_second_interrupt_while_draining_stops_at_once_without_a_traceback(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "node", "--etcd-endpoints", etcd.endpoint, "--node-id", "n-i"],
+        *["--port", str(port), "--http-port", "0", "--grace-period", "60"],
+        *["--sqlite-path", str(tmp_path / "pigeon.db")],
+        env={"PATH": "/usr/bin:/bin", **SECRETS},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    session = SessionTokens(SECRETS["PIGEON_CLUSTER_SECRET"]).issue("ida", "n-i")
+    try:
+        async with PrefixWatch([etcd.endpoint], "/pigeon/nodes/") as watch:
+            await watch.wait_for(lambda view: len(view) == 1, timeout=30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = node_pb2_grpc.NodeStub(channel).Subscribe(
+                node_pb2.SubscribeRequest(), metadata=[("authorization", f"Bearer {session}")]
+            )
+            async with asyncio.timeout(20):
+                assert (await stream.read()).HasField("welcome")
+                process.send_signal(signal.SIGINT)
+                # Told to go elsewhere, the stream stays: the drain would wait its 60 s.
+                while not (await stream.read()).HasField("reconnect"):
+                    pass
+                process.send_signal(signal.SIGINT)
+                _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 130
+    assert b"SIGINT again: stopped at once" in stderr
+    assert b"Traceback" not in stderr, stderr.decode()
