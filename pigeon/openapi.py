@@ -705,6 +705,7 @@ def openapi_document(
     title: str,
     version: str,
     comments: Comments | None = None,
+    public: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Generate the OpenAPI 3 document of services' HTTP bindings.
 
@@ -713,6 +714,7 @@ def openapi_document(
         title: The document's title.
         version: The API implementation's version.
         comments: Proto comments for the descriptions; by default :meth:`Comments.load`.
+        public: Full names of the methods that take no credential (``pigeon.v1.Gate.Connect``).
 
     Returns:
         The document as JSON-ready data (OpenAPI 3.0.3): a path per binding, an operation per
@@ -731,6 +733,8 @@ def openapi_document(
             if verb in operations:
                 continue  # an additional binding repeating a path and method adds nothing
             operations[verb] = _operation(binding, schemas, error)
+            if binding.method.full_name in public:
+                operations[verb]["security"] = []
     descriptions = [comments.of(s) for s in services if comments.of(s)]
     return {
         "openapi": "3.0.3",

@@ -532,8 +532,10 @@ class RestGateway:
         web_root: Path | None = None,
         unary_timeout: float = 30.0,
         max_body_bytes: int = MAX_REQUEST_BYTES,
+        public: Sequence[str] = (),
     ) -> None:
         self._services = list(services)
+        self._public = tuple(public)
         # Literal templates before ones with variables, so /v1/messages:read is never taken for
         # a message id; otherwise in declaration order.
         bindings = [b for s in self._services for b in http_bindings(s)]
@@ -577,7 +579,11 @@ class RestGateway:
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI document of the served routes."""
         return openapi_document(
-            self._services, title=self._title, version=__version__, comments=Comments.load()
+            self._services,
+            title=self._title,
+            version=__version__,
+            comments=Comments.load(),
+            public=self._public,
         )
 
     async def _openapi(self, _: Request) -> Response:

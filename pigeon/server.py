@@ -247,6 +247,13 @@ def _wrap(
         RPCS.labels(method, "INTERNAL").inc()
         await abort(context, Internal(f"internal error (incident {incident})"))
 
+    def ended(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """The call was cancelled under the handler: its caller left, or its deadline passed
+        (most streams end so)."""
+        remaining = context.time_remaining()
+        code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        RPCS.labels(method, code).inc()
+
     succeeded = RPCS.labels(method, "OK")
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
@@ -256,6 +263,9 @@ def _wrap(
             try:
                 response = await inner_uu(request, context)
             except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                ended(context)
                 raise
             except Exception as exc:
                 await fail(context, exc)
@@ -270,13 +280,13 @@ def _wrap(
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, enter, fail, succeeded),
+            _streaming(handler.unary_stream, enter, fail, ended, succeeded),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, enter, fail, succeeded),
+            _streaming(handler.stream_stream, enter, fail, ended, succeeded),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -287,6 +297,7 @@ def _streaming(
     inner: Callable[..., Any],
     enter: Callable[[grpc.aio.ServicerContext[Any, Any]], Any],
     fail: Callable[[grpc.aio.ServicerContext[Any, Any], Exception], Any],
+    ended: Callable[[grpc.aio.ServicerContext[Any, Any]], None],
     succeeded: Any,
 ) -> Callable[..., AsyncIterator[Any]]:
     async def streaming(
@@ -301,6 +312,9 @@ def _streaming(
             else:
                 await result
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            ended(context)
             raise
         except Exception as exc:
             await fail(context, exc)

@@ -1039,6 +1039,9 @@ async def test_openapi_documents_every_route_with_the_proto_comments(rest: Rest)
     schemas = gate["components"]["schemas"]
     assert schemas["v1ConnectResponse"]["properties"]["sessionExpiresAt"]["format"] == "date-time"
     assert gate["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    # Connect takes the JWT in its body and no credential; the rest need the document's.
+    assert connect["security"] == [] and "security" not in gate["paths"]["/v1/nodes"]["get"]
+    assert gate["security"] == [{"bearerAuth": []}]
     async with httpx.AsyncClient(timeout=WAIT) as http:
         node = (await http.get(f"http://{rest.cluster.nodes[0].http_address}/openapi.json")).json()
     message = node["components"]["schemas"]["v1Message"]

@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from pigeon import server as server_module
 from pigeon.errors import InvalidArgument, Unauthenticated
@@ -136,3 +137,42 @@ async def test_a_server_whose_stop_never_finishes_is_left_after_the_margin(
         started = time.monotonic()
     assert time.monotonic() - started < 5
     assert "did not finish stopping" in caplog.text
+
+
+class _Streaming(node_pb2_grpc.NodeServicer):
+    async def Subscribe(self, request: Any, context: Any) -> Any:
+        yield node_pb2.SubscribeResponse()
+        await asyncio.sleep(60)  # a stream ends when its client leaves
+
+    async def Send(self, request: node_pb2.SendRequest, context: Any) -> node_pb2.SendResponse:
+        await asyncio.sleep(60)  # longer than the caller waits
+        return node_pb2.SendResponse()
+
+
+async def test_calls_the_caller_leaves_or_lets_expire_are_counted() -> None:
+    def count(method: str, code: str) -> float:
+        labels = {"method": f"/pigeon.v1.Node/{method}", "code": code}
+        return REGISTRY.get_sample_value("pigeon_grpc_requests_total", labels) or 0.0
+
+    service = Service(
+        "pigeon.v1.Node", lambda s: node_pb2_grpc.add_NodeServicer_to_server(_Streaming(), s)
+    )
+    policy = {"/pigeon.v1.Node/": _user}
+    left, expired = count("Subscribe", "CANCELLED"), count("Send", "DEADLINE_EXCEEDED")
+    good = (("authorization", "Bearer good"),)
+    async with (
+        GrpcServer([service], auth=policy) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        stub = node_pb2_grpc.NodeStub(channel)
+        stream = stub.Subscribe(node_pb2.SubscribeRequest(), metadata=good)
+        await stream.read()
+        stream.cancel()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Send(node_pb2.SendRequest(body="hi"), metadata=good, timeout=0.3)
+        async with asyncio.timeout(10):
+            while (
+                count("Subscribe", "CANCELLED") == left
+                or count("Send", "DEADLINE_EXCEEDED") == expired
+            ):
+                await asyncio.sleep(0.05)
