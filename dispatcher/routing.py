@@ -213,6 +213,7 @@ class Router:
             self.detach(old)
         link = self.link_type(node_id, self.queue_limit)
         self.links[node_id] = link
+        self.departed.discard(node_id)  # subscribing, it is alive (a lease may lag behind)
         NODES.set(len(self.links))
         return link
 
@@ -222,6 +223,7 @@ class Router:
             return
         # Node ids are made anew at each start unless configured: keep no series for old ones.
         SENT.remove(link.node_id)
+        self.departed.discard(link.node_id)
         del self.links[link.node_id]
         self._forget(link, link.users)
         link.users.clear()
@@ -347,8 +349,9 @@ class Router:
     def node_left(self, node_id: str) -> None:
         """The node's etcd key went (it stopped, or its lease ran out: frozen, cut off). Its
         stream may look open for a while yet; reports of other nodes wait for it no more."""
-        self.departed.add(node_id)
-        self._release_held()
+        if node_id in self.links:
+            self.departed.add(node_id)
+            self._release_held()
 
     def node_joined(self, node_id: str) -> None:
         self.departed.discard(node_id)

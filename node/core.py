@@ -65,7 +65,7 @@ class Relay(Protocol):
     def elsewhere(self, user_id: str) -> bool:
         """Whether another node may hold the user (a user held here: whether to relay)."""
 
-    async def routes_ready(self) -> None:
+    async def routes_ready(self, user_id: str | None = None) -> None:
         """Return once the dispatchers route this node's current users here."""
 
 
@@ -84,7 +84,7 @@ class NoRelay:
     def elsewhere(self, user_id: str) -> bool:
         return False
 
-    async def routes_ready(self) -> None:
+    async def routes_ready(self, user_id: str | None = None) -> None:
         return None
 
 
@@ -590,13 +590,6 @@ class NodeCore:
         The stream joins the pool before the store is read, so nothing stored meanwhile is
         missed; what arrives live during the replay is merged by seq, so nothing is sent twice.
         """
-        if since_seq is None or since_broadcast_seq is None:
-            # "From now" is now, before the stream joins the pool: a message stored while it
-            # opens (on any node) comes after this and is replayed, not taken as already seen.
-            head_seq, head_broadcast = await _read(self.store.heads(user_id))
-            since_seq = head_seq if since_seq is None else since_seq
-            if since_broadcast_seq is None:
-                since_broadcast_seq = head_broadcast
         # Counted until they end, not until they leave the pool: a stream cut as too slow stays
         # open while its client does not read the hint.
         open_streams = self._open_streams.get(user_id, 0)
@@ -610,6 +603,17 @@ class NodeCore:
                 reason="TOO_MANY_STREAMS",
             )
         self._open_streams[user_id] = open_streams + 1
+        try:
+            if since_seq is None or since_broadcast_seq is None:
+                # "From now" is now, before the stream joins the pool: a message stored while
+                # it opens (on any node) comes after this and is replayed, not taken as seen.
+                head_seq, head_broadcast = await _read(self.store.heads(user_id))
+                since_seq = head_seq if since_seq is None else since_seq
+                if since_broadcast_seq is None:
+                    since_broadcast_seq = head_broadcast
+        except BaseException:
+            self._stream_ended(user_id)
+            raise
         stream = Stream(user_id, self.stream_queue_size, self._leave)
         if self.pool.add(stream):
             self.relay.user_added(user_id)
@@ -629,9 +633,12 @@ class NodeCore:
             if expiry is not None:
                 expiry.cancel()
             self._leave(stream)
-            left = self._open_streams.pop(user_id) - 1
-            if left:
-                self._open_streams[user_id] = left
+            self._stream_ended(user_id)
+
+    def _stream_ended(self, user_id: str) -> None:
+        left = self._open_streams.pop(user_id) - 1
+        if left:
+            self._open_streams[user_id] = left
 
     def _leave(self, stream: Stream) -> None:
         if self.pool.remove(stream):
@@ -643,7 +650,7 @@ class NodeCore:
     ) -> AsyncIterator[node_pb2.SubscribeResponse]:
         user_id = stream.user_id
         # Read the store only once messages stored from now on are sure to be routed here.
-        await self.relay.routes_ready()
+        await self.relay.routes_ready(user_id)
         head_seq, head_broadcast = await _read(self.store.heads(user_id))
         seq = _start(since_seq, head_seq, "since_seq")
         broadcast_seq = _start(since_broadcast_seq, head_broadcast, "since_broadcast_seq")

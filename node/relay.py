@@ -390,15 +390,22 @@ class DispatcherRelay:
                 return True
         return False
 
-    async def routes_ready(self) -> None:
-        """Wait until every connected dispatcher has applied the routing changes made so far,
-        so a message stored after this returns is routed here (bounded: a dispatcher that does
-        not answer in time is not waited for)."""
+    async def routes_ready(self, user_id: str | None = None) -> None:
+        """Wait until every connected dispatcher has applied the routing changes made so far
+        (those of user_id, if given), so a message stored after this returns is routed here
+        (bounded: a dispatcher that does not answer in time is not waited for)."""
+
+        def pending(link: _Link, target: int) -> bool:
+            if user_id is None:
+                return link.applied_version < target or bool(link.added or link.removed)
+            # The report that carries the user (changes go in parts when there are many).
+            return user_id in link.added or link.unconfirmed.get(user_id, 0) > link.applied_version
+
         targets = [(link, link.target) for link in self._links.values() if link.connected]
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._ready_timeout):
                 for link, target in targets:
-                    while link.connected and link.applied_version < target:
+                    while link.connected and pending(link, target):
                         link.applied.clear()
                         await link.applied.wait()
 
@@ -554,7 +561,7 @@ class DispatcherRelay:
         # until the dispatcher has applied the part that names them.
         first, *rest = _parts(list(self._users()), MAX_REQUEST_BYTES)
         version = link.sent_version
-        for number, part in enumerate(rest, 1):
+        for number, part in enumerate([first, *rest]):
             for user in part:
                 link.unconfirmed[user] = version + number
         link.sent_version = link.opening_version = version + len(rest)
@@ -717,10 +724,14 @@ class DispatcherRelay:
             self._in_flight = 0
             if not order:
                 self._drop_in_flight(len(self._outbox))
-            # Every dispatcher refused (a wrong cluster secret, say): wait, longer each time,
-            # before the next round, whose resync hints would only be refused too.
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, REFUSED_BACKOFF[1])
+            if refused:
+                # Refused, not only failed (a wrong cluster secret, say): wait longer each time
+                # before the next round, whose resync hints would only be refused too.
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REFUSED_BACKOFF[1])
+            else:
+                # Out of reach (restarting, say): back soon, so little waits in the outbox.
+                await asyncio.sleep(REFUSED_BACKOFF[0])
 
     def _stream_for(self, order: list[types_pb2.DispatcherInfo]) -> _Link | None:
         """The first dispatcher in order whose stream takes envelopes, if any."""

@@ -577,7 +577,7 @@ async def test_a_user_named_like_a_system_source_cannot_take_its_idempotency_key
 class _SlowRoutes(NoRelay):
     """Dispatchers that take a while to confirm a new stream's routes."""
 
-    async def routes_ready(self) -> None:
+    async def routes_ready(self, user_id: str | None = None) -> None:
         await asyncio.sleep(0.3)
 
 

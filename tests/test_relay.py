@@ -697,3 +697,55 @@ async def test_a_node_with_more_user_ids_than_one_message_holds_subscribes(
         await wait_until(lambda: a.got == ["p0", "p1"], 10, "the envelopes")
         # And the parts' users count as held by a alone once the dispatcher has them all.
         assert a.relay.elsewhere(f"{35_999:0128d}") is False
+
+
+class _Unavailable(DispatcherServicer):
+    """A dispatcher whose Publish calls fail as unavailable (restarting, overloaded) for a while."""
+
+    failing = True
+
+    async def Publish(self, request: Any, context: Any) -> Any:
+        if self.failing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+        return await super().Publish(request, context)
+
+
+async def test_a_dispatcher_back_from_failing_gets_the_waiting_envelopes_at_once() -> None:
+    servicer = _Unavailable(_OldRouter())
+    server = grpc.aio.server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    view = {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=f"127.0.0.1:{port}")}
+    try:
+        a, b = Node("a", view), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            a.relay.relay(_envelopes("u", 2, "ria"))
+            # Long enough for a back-off that grew with every failed round to pass 3 s.
+            await asyncio.sleep(4)
+            assert b.got == []
+            servicer.failing = False
+            back = asyncio.get_running_loop().time()
+            await wait_until(lambda: b.got == ["u0", "u1"], 10, "the envelopes")
+            # Failures that are not refusals are retried at the pace of a restart, not slower.
+            assert asyncio.get_running_loop().time() - back < 1.5
+    finally:
+        await server.stop(None)
+
+
+async def test_a_stream_of_a_user_among_many_new_ones_waits_for_the_report_carrying_it() -> None:
+    router = Router()
+    async with _serving({"d1": router}) as (_, view):
+        a, b = Node("a", view), Node("b", view)
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            # 20,000 users of 128 characters at once (a reconnect storm): several reports.
+            users = [f"{i:0128d}" for i in range(20_000)]
+            for user in users:
+                a.add(user)
+            await a.relay.routes_ready(users[-1])
+            assert router.routes.get(users[-1]) == {"a"}
+            await a.relay.routes_ready()
+            assert all(router.routes.get(user) == {"a"} for user in users)

@@ -144,3 +144,18 @@ async def test_a_holder_that_left_the_cluster_or_fell_behind_holds_up_no_report(
     router.route([envelope("ann", origin="c") for _ in range(3)])  # a's queue overflows
     assert a.overflowed and "a" not in router.links and router.routes["alice"] == {"b"}
     assert b.applied_version == 3
+
+
+async def test_a_departed_node_that_subscribes_again_is_waited_for_again() -> None:
+    router = Router("routed")
+    router.node_left("ghost")  # never subscribed here: nothing to remember
+    assert router.departed == set()
+    a, b = _stalled_holder_of_alice(router)
+    router.node_left("a")
+    assert b.applied_version == 3
+    a = router.attach("a")  # back (its lease may not be renewed yet): alive all the same
+    router.report(a, report("alice", full=True), 1)
+    router.report(b, report("bob"), 4)  # needs no one
+    router.report(b, report(removed=("alice",)), 5)
+    router.report(b, report("alice"), 6)  # shared with a again: held until a knows
+    assert b.applied_version == 5

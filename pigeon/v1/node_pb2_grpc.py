@@ -29,7 +29,7 @@ class NodeStub:
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     def __init__(self, channel):
@@ -84,7 +84,7 @@ class NodeServicer:
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     def Subscribe(self, request, context):
@@ -106,8 +106,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Publish(self, request, context):
-        """The same as Gate.Publish, on a node (the Gate forwards here): a system sender (API key)
-        publishes to users or to everyone, one message or a batch.
+        """The same as Gate.Publish, on a node (the Gate forwards here, with the cluster secret): a
+        system sender (API key) publishes to users or to everyone, one message or a batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,7 +204,7 @@ class Node:
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     @staticmethod

@@ -30,7 +30,7 @@ class NodeStub:
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     @_typing.overload
@@ -48,8 +48,8 @@ class NodeStub:
     the message is stored.
     """
     Publish: _grpc.UnaryUnaryMultiCallable[_node_pb2.NodePublishRequest, _node_pb2.NodePublishResponse]
-    """The same as Gate.Publish, on a node (the Gate forwards here): a system sender (API key)
-    publishes to users or to everyone, one message or a batch.
+    """The same as Gate.Publish, on a node (the Gate forwards here, with the cluster secret): a
+    system sender (API key) publishes to users or to everyone, one message or a batch.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_node_pb2.ListMessagesRequest, _node_pb2.ListMessagesResponse]
     """Lists the calling user's inbox, newest first, paged by a seq cursor, optionally filtered by
@@ -69,7 +69,7 @@ class NodeAsyncStub(NodeStub):
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -84,8 +84,8 @@ class NodeAsyncStub(NodeStub):
     the message is stored.
     """
     Publish: _aio.UnaryUnaryMultiCallable[_node_pb2.NodePublishRequest, _node_pb2.NodePublishResponse]  # type: ignore[assignment]
-    """The same as Gate.Publish, on a node (the Gate forwards here): a system sender (API key)
-    publishes to users or to everyone, one message or a batch.
+    """The same as Gate.Publish, on a node (the Gate forwards here, with the cluster secret): a
+    system sender (API key) publishes to users or to everyone, one message or a batch.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_node_pb2.ListMessagesRequest, _node_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Lists the calling user's inbox, newest first, paged by a seq cursor, optionally filtered by
@@ -104,7 +104,7 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
     """A notification node: holds users' streams, stores every message before acknowledging it,
     delivers to local streams and hands the rest to the dispatchers, and serves the inbox. Calls
     carry "authorization: Bearer <session token from Gate.Connect>", except Publish, which takes
-    an API key.
+    an API key (or, from a Gate, the cluster secret).
     """
 
     @_abc_1.abstractmethod
@@ -135,8 +135,8 @@ class NodeServicer(metaclass=_abc_1.ABCMeta):
         request: _node_pb2.NodePublishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_node_pb2.NodePublishResponse, _abc.Awaitable[_node_pb2.NodePublishResponse]]:
-        """The same as Gate.Publish, on a node (the Gate forwards here): a system sender (API key)
-        publishes to users or to everyone, one message or a batch.
+        """The same as Gate.Publish, on a node (the Gate forwards here, with the cluster secret): a
+        system sender (API key) publishes to users or to everyone, one message or a batch.
         """
 
     @_abc_1.abstractmethod
