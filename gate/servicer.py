@@ -182,7 +182,10 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             PUBLISHES.labels("ok").inc()
             return gate_pb2.PublishResponse.FromString(reply.SerializeToString())
         PUBLISHES.labels("unavailable").inc()
-        raise Unavailable(f"every node refused the publish; last error: {last}")
+        raise Unavailable(
+            "no node took the publish; it may be stored all the same, so retry with the same "
+            f"idempotency_key; last error: {last}"
+        )
 
     async def ListNodes(
         self, request: gate_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
