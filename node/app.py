@@ -234,7 +234,9 @@ async def _serve(
     servicer = NodeServicer(core)
     services = [Service(NODE, lambda s: node_pb2_grpc.add_NodeServicer_to_server(servicer, s))]
     rest = RestGateway(
-        [node_pb2.DESCRIPTOR.services_by_name["Node"]], cors_origins=config.cors_origins
+        [node_pb2.DESCRIPTOR.services_by_name["Node"]],
+        cors_origins=config.cors_origins,
+        credentials_required=True,
     )
     async with (
         listen(config, services, auth, rest.routes) as listeners,

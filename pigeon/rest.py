@@ -123,6 +123,13 @@ SSE_RETRY_MS = 2000
 # Seconds a closing gateway gives its event streams to forward what their node sent last.
 STREAMS_END_WITHIN = 1.0
 
+# Bodies up to this size are parsed on the event loop (a few ms at most); larger ones on a
+# thread, at most PARSING_AT_ONCE at a time.
+PARSE_ON_LOOP_BYTES = 64 * 1024
+PARSING_AT_ONCE = 2
+# The largest body of a call that takes no credential (Gate.Connect: a JWT).
+PUBLIC_BODY_BYTES = 64 * 1024
+
 BODY_TIMEOUT = 30.0
 """Seconds a client has to send a request's whole body; slower gets 408."""
 
@@ -521,6 +528,10 @@ class RestGateway:
         unary_timeout: Deadline of each unary call, seconds.
         max_body_bytes: Largest request body accepted; larger gets 413. The default is what
             the gRPC server takes.
+        public: Full names of the methods that take no credential (``pigeon.v1.Gate.Connect``):
+            so marked in the OpenAPI document, their bodies at most 64 KB.
+        credentials_required: Every other method needs a credential: without one the call goes
+            to the server (which refuses it) with no body read or parsed.
     """
 
     def __init__(
@@ -533,9 +544,11 @@ class RestGateway:
         unary_timeout: float = 30.0,
         max_body_bytes: int = MAX_REQUEST_BYTES,
         public: Sequence[str] = (),
+        credentials_required: bool = False,
     ) -> None:
         self._services = list(services)
         self._public = tuple(public)
+        self._credentials_required = credentials_required
         # Literal templates before ones with variables, so /v1/messages:read is never taken for
         # a message id; otherwise in declaration order.
         bindings = [b for s in self._services for b in http_bindings(s)]
@@ -552,6 +565,7 @@ class RestGateway:
         self._no_streams = asyncio.Event()
         self._closing = False
         self._document: bytes | None = None
+        self._parsing = asyncio.Semaphore(PARSING_AT_ONCE)
 
     # The HTTP side.
 
@@ -712,8 +726,14 @@ class RestGateway:
             return _pigeon_error_response(
                 Unavailable("the service is starting or stopping; retry", reason="NOT_READY")
             )
-        message = await self._request_message(route, variables, request)
         metadata = _metadata(request, route)
+        # Without a credential the call is refused before its request is looked at: the body is
+        # not read or parsed (a large one costs seconds of this process's only thread).
+        public = route.binding.method.full_name in self._public
+        read_body = bool(metadata) or public or not self._credentials_required
+        message = await self._request_message(
+            route, variables, request, read_body=read_body, public=public
+        )
         if route.binding.server_streaming:
             return await self._stream(route, message, metadata, request)
         try:
@@ -729,19 +749,32 @@ class RestGateway:
         return JSONResponse(data)
 
     async def _request_message(
-        self, route: _Route, variables: Mapping[tuple[str, ...], str], request: Request
+        self,
+        route: _Route,
+        variables: Mapping[tuple[str, ...], str],
+        request: Request,
+        *,
+        read_body: bool = True,
+        public: bool = False,
     ) -> Message:
         """The RPC's request: the body, then the path variables, then the query (grpc-gateway's
         order, so the path wins over the body)."""
         binding = route.binding
         message = route.request_type()
-        if binding.body:
-            value = _decode_json(await self._read_body(request))
+        if binding.body and read_body:
+            # A public call (Gate.Connect) carries a token, not a batch of messages.
+            limit = min(PUBLIC_BODY_BYTES, self._max_body_bytes) if public else None
+            body = await self._read_body(request, limit)
+            value = _decode_json(body)
             if value is not None:
-                if binding.body == "*":
-                    _parse_into(value, message, None)
+                field = None if binding.body == "*" else binding.body
+                if len(body) <= PARSE_ON_LOOP_BYTES:
+                    _parse_into(value, message, field)
                 else:
-                    _parse_into(value, message, binding.body)
+                    # protobuf's JSON parser is pure Python (seconds for megabytes of small
+                    # elements): on a thread, a few at a time, the loop keeps serving between.
+                    async with self._parsing:
+                        await asyncio.to_thread(_parse_into, value, message, field)
         for field_path, text in variables.items():
             _set_text(message, field_path, [text], ".".join(field_path))
         if binding.body != "*":
@@ -750,7 +783,8 @@ class RestGateway:
             _apply_resume(message, request)
         return message
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, request: Request, limit: int | None = None) -> bytes:
+        max_bytes = self._max_body_bytes if limit is None else limit
         chunks: list[bytes] = []
         size = 0
         # Neither uvicorn nor the call's deadline bounds the upload: a client that sends headers
@@ -759,12 +793,12 @@ class RestGateway:
             async with asyncio.timeout(BODY_TIMEOUT):
                 async for chunk in request.stream():
                     size += len(chunk)
-                    if size > self._max_body_bytes:
+                    if size > max_bytes:
                         raise _BadRequest(
                             InvalidArgument(
-                                f"request body is larger than {self._max_body_bytes} bytes",
+                                f"request body is larger than {max_bytes} bytes",
                                 reason="BODY_TOO_LARGE",
-                                limit=str(self._max_body_bytes),
+                                limit=str(max_bytes),
                             ),
                             413,
                         )

@@ -1244,3 +1244,23 @@ async def test_metrics_show_each_store_commit_and_its_duration(rest: Rest) -> No
     assert await total("pigeon_node_commit_seconds_sum") > seconds
     # The buckets a dashboard plots: every commit falls in +Inf.
     assert await total('pigeon_node_commit_seconds_bucket{le="+Inf"}') == commits + 2
+
+
+async def test_a_body_without_a_credential_is_not_read_and_a_large_one_is_parsed_aside(
+    rest: Rest,
+) -> None:
+    user = await rest.user("parsed")
+    anonymous = httpx.AsyncClient(base_url=str(user.node.base_url), timeout=WAIT)
+    rest.clients.append(anonymous)
+    # Refused for the missing credential, not for the body it never looked at.
+    for client, path in ((anonymous, "/v1/messages"), (rest.gate, "/v1/publish")):
+        reply = await client.post(path, content=b"{not json" + b" " * 100_000)
+        assert reply.status_code == 401, (path, reply.text)
+    # Connect takes no credential, and no more than a token's worth of body.
+    reply = await rest.gate.post("/v1/connect", json={"token": "x" * 100_000})
+    assert reply.status_code == 413 and error_info(reply.json())["reason"] == "BODY_TOO_LARGE"
+    # A large body from a caller with a credential is parsed (on a thread) and sent.
+    batch = [{"to": ["parsed-friend"], "body": f"{i} " + "x" * 2000} for i in range(200)]
+    reply = await user.node.post("/v1/messages", json={"batch": batch})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["messageIds"]) == 200
