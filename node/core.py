@@ -546,6 +546,14 @@ class NodeCore:
                 "set exactly one of message_ids, up_to_seq / up_to_broadcast_seq, or all",
                 reason="BAD_MARK_READ",
             )
+        if len(ids) > MAX_MARK_READ_IDS:
+            raise InvalidArgument(
+                f"message_ids has {len(ids)} ids; the limit is {MAX_MARK_READ_IDS}: mark more "
+                "with up_to_seq / up_to_broadcast_seq or all",
+                reason="TOO_MANY_IDS",
+                field="message_ids",
+                limit=str(MAX_MARK_READ_IDS),
+            )
         for message_id in ids:
             check_id(message_id, "message_ids")
         unread = await _read(
@@ -921,6 +929,9 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
         idempotency_key=key,
     )
 
+
+# Ids one MarkRead may name (each is checked and looked up in the single writer's transaction).
+MAX_MARK_READ_IDS: Final = 1000
 
 # Keys are scoped by sender, and a system sender's name (its source) is one a user may have as
 # well: a user called "shop" must not be able to take the shop's keys and so suppress its

@@ -130,6 +130,18 @@ def messages_of(
     single = any(field.name != "batch" for field, _ in request.ListFields())
     check_batch(single, request.batch, limits.max_batch)
     items: Sequence[Any] = request.batch or [request]
+    if sender:
+        # One user's call stores a copy per recipient: the whole batch counts against the limit,
+        # or one request of 256 drafts to 1,000 users each would hold every writer for seconds.
+        copies = sum(len(m.to) for m in items)
+        if copies > limits.max_recipients:
+            raise InvalidArgument(
+                f"this Send has {copies} recipients in all (its messages together); the limit "
+                f"is {limits.max_recipients}: split it, or publish to many with an API key",
+                reason="TOO_MANY_RECIPIENTS",
+                field="batch" if request.batch else "to",
+                limit=str(limits.max_recipients),
+            )
     many = bool(request.batch)
     # Drafts (from users) have neither field; asked once, not per message.
     fields = items[0].DESCRIPTOR.fields_by_name if items else {}

@@ -102,9 +102,7 @@ def check_outgoing(
             )
         # Repeated ids collapse: a user gets one copy.
         recipients = tuple(dict.fromkeys(to))
-        for user in recipients:
-            if not _fine_id(user):
-                check_id(user, f"{where}to")
+        # Counted before each id is checked: a list far over the limit costs no more.
         if len(recipients) > limits.max_recipients:
             raise InvalidArgument(
                 f"{where}to has {len(recipients)} recipients; the limit is {limits.max_recipients}",
@@ -112,6 +110,9 @@ def check_outgoing(
                 field=f"{where}to",
                 limit=str(limits.max_recipients),
             )
+        for user in recipients:
+            if not _fine_id(user):
+                check_id(user, f"{where}to")
         if sender and sender in recipients:
             raise InvalidArgument(
                 f"{where}to: you cannot send a message to yourself ({sender})",

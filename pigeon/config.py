@@ -488,7 +488,11 @@ class NodeConfig(CommonConfig):
         metadata=_rules("largest message metadata accepted (all entries), bytes", minimum=1),
     )
     max_recipients: int = field(
-        default=1000, metadata=_rules("most recipients of one message", minimum=1)
+        default=1000,
+        metadata=_rules(
+            "most recipients of one message; also of one user's Send, its batch together",
+            minimum=1,
+        ),
     )
     max_page_size: int = field(
         default=200, metadata=_rules("most messages returned by one inbox page", minimum=1)

@@ -251,6 +251,13 @@ async def test_bad_requests_get_clear_errors(node: RunningNode) -> None:
         (node_pb2.SendRequest(to=["bob"], body="x", metadata={"k": "v" * 9000}), "metadata"),
         (node_pb2.SendRequest(to=[f"u{i}" for i in range(1001)], body="x"), "1001 recipients"),
         (node_pb2.SendRequest(to=[""], body="x"), "to must not be empty"),
+        # Each draft under the limit, but the copies of the whole call over it.
+        (
+            node_pb2.SendRequest(
+                batch=[{"to": [f"u{i}" for i in range(600)], "body": "x"}] * 2  # type: ignore[list-item]
+            ),
+            "1200 recipients in all",
+        ),
     ]
     for request, text in cases:
         await expect_error(stub.Send(request, metadata=me), invalid, text)
@@ -277,6 +284,8 @@ async def test_bad_requests_get_clear_errors(node: RunningNode) -> None:
     await expect_error(
         stub.MarkRead(node_pb2.MarkReadRequest(), metadata=me), invalid, "set exactly one"
     )
+    many = node_pb2.MarkReadRequest(message_ids=[f"m{i}" for i in range(1001)])
+    await expect_error(stub.MarkRead(many, metadata=me), invalid, "message_ids has 1001 ids")
     events = stub.Subscribe(node_pb2.SubscribeRequest(since_seq=99), metadata=me)
     await expect_error(events.read(), invalid, "since_seq 99 is ahead")
     # Identity errors.

@@ -255,7 +255,7 @@ Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
 @_typing.final
 class SendRequest(_message.Message):
     """The request of Node.Send: one message (the fields up to idempotency_key) or a batch (batch).
-    Not both.
+    Not both. The recipients of all its messages together are at most the configured limit.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -604,7 +604,7 @@ class MarkReadRequest(_message.Message):
     """Mark everything read."""
     @_builtins.property
     def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Mark these messages read."""
+        """Mark these messages read (at most 1,000 ids; up_to_seq marks more at once)."""
 
     def __init__(
         self,
