@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Sequence
@@ -338,9 +339,10 @@ class NodeCore:
         try:
             return await self._commit.submit(news)
         except StoreError as exc:
+            _store_failed(exc)
             raise Unavailable(
-                f"the message store failed; retry with the same idempotency_key, and the "
-                f"message is stored once: {exc}",
+                "the message store failed; retry with the same idempotency_key, and the "
+                "message is stored once",
                 reason="STORE_UNAVAILABLE",
             ) from exc
 
@@ -829,9 +831,26 @@ async def _read(call: Awaitable[T]) -> T:
     try:
         return await call
     except StoreError as exc:
+        _store_failed(exc)
         raise Unavailable(
-            f"the message store is unavailable; retry: {exc}", reason="STORE_UNAVAILABLE"
+            "the message store is unavailable; retry", reason="STORE_UNAVAILABLE"
         ) from exc
+
+
+_store_failures = {"logged_at": -math.inf, "since": 0}
+
+
+def _store_failed(exc: StoreError) -> None:
+    """Log a store failure (what and where: not for callers, who may be anyone), at most once
+    every few seconds while the store stays down."""
+    now = time.monotonic()
+    _store_failures["since"] += 1
+    if now - _store_failures["logged_at"] >= STORE_FAILURE_LOG_INTERVAL:
+        log.warning(
+            "store call failed (%d since the last report): %s", _store_failures["since"], exc
+        )
+        _store_failures["logged_at"] = now
+        _store_failures["since"] = 0
 
 
 def _after(
@@ -929,6 +948,9 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
         idempotency_key=key,
     )
 
+
+# Seconds between log lines about a failing store.
+STORE_FAILURE_LOG_INTERVAL: Final = 5.0
 
 # Ids one MarkRead may name (each is checked and looked up in the single writer's transaction).
 MAX_MARK_READ_IDS: Final = 1000

@@ -47,7 +47,8 @@ def _taken(port: int) -> bool:
 
 def _up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # Owner-only when made here: it holds every message (pigeon.db), the logs and the secrets.
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     # One cluster per data folder: a second one would wait on the first one's etcd data.
     with (data_dir / "up.lock").open("w") as lock:
         try:

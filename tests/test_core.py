@@ -181,7 +181,9 @@ async def test_the_core_stops_even_if_an_unread_count_read_loses_the_cancellatio
     assert await _stops(core.__aexit__(None, None, None)), "the core never stopped"
 
 
-async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_delivered() -> None:
+async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_delivered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     store = MemoryStore()
     async with NodeCore(store, node_id="n1", heartbeat_interval=5) as core:
         reader = Reader(core.subscribe("bob", None, None))
@@ -193,6 +195,9 @@ async def test_a_failed_write_fails_every_sender_in_its_batch_and_nothing_is_del
         )
         assert all(isinstance(r, Unavailable) for r in results)
         assert "retry with the same idempotency_key" in str(results[0])
+        # What failed, and where, is for the log: callers may be anyone.
+        assert "injected write failure" not in str(results[0])
+        assert "injected write failure" in caplog.text
         store.fail_writes = False
         await core.send("alice", [outgoing("bob", "after")])
         await reader.until(lambda r: r.seqs() == [1])

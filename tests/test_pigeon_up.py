@@ -118,6 +118,8 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             "export PIGEON_API_KEYS=key-of-this-shell",
         ]
         assert (data_dir / "cluster.json").stat().st_mode & 0o777 == 0o600
+        # The folder holds every message and the logs too: other users of the machine stay out.
+        assert data_dir.stat().st_mode & 0o777 == 0o700
         with grpc.insecure_channel(f"127.0.0.1:{gate_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="pigeon.v1.Gate"), timeout=5
