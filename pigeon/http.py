@@ -17,12 +17,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["WRITE_TIMEOUT", "HttpServer", "base_routes"]
+__all__ = ["HEADER_TIMEOUT", "WRITE_TIMEOUT", "HttpServer", "base_routes"]
 
 log = logging.getLogger("pigeon.http")
 
 WRITE_TIMEOUT = 30.0
 """Seconds a client may leave sent data unacknowledged before its connection is dropped."""
+
+HEADER_TIMEOUT = 15.0
+"""Seconds a new connection has to send its first request's headers."""
 
 
 def base_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
@@ -68,9 +71,16 @@ class _Protocol(H11Protocol):
     """
 
     write_timeout = WRITE_TIMEOUT
+    header_timeout = HEADER_TIMEOUT
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
+        # uvicorn bounds the wait for a next request (keep-alive), not for the first one's
+        # headers: a client that opens connections and never finishes a request would hold
+        # them (and their file descriptors) for good.
+        self._first_request_due = asyncio.get_running_loop().call_later(
+            self.header_timeout, self._first_request_late
+        )
         sock = transport.get_extra_info("socket")
         # Linux only; elsewhere a stalled client is held until it leaves.
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -78,7 +88,17 @@ class _Protocol(H11Protocol):
             with contextlib.suppress(OSError):  # not TCP (a Unix socket)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
+    def _first_request_late(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            log.info(
+                "HTTP client %s:%d sent no whole request in %gs: connection closed",
+                *(self.client or ("?", 0)),
+                self.header_timeout,
+            )
+            self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._first_request_due.cancel()
         if isinstance(exc, TimeoutError):
             host, port = self.client or ("?", 0)
             log.warning(
@@ -105,7 +125,11 @@ class HttpServer:
     ) -> None:
         self.app = Starlette(routes=list(routes))
         # Read here rather than at import, so a test can shorten it.
-        protocol = type("_Protocol", (_Protocol,), {"write_timeout": WRITE_TIMEOUT})
+        protocol = type(
+            "_Protocol",
+            (_Protocol,),
+            {"write_timeout": WRITE_TIMEOUT, "header_timeout": HEADER_TIMEOUT},
+        )
         config = uvicorn.Config(
             self.app,
             http=protocol,

@@ -140,6 +140,17 @@ gRPC refuses a call whose metadata passes 8 KiB (at random between that and 16 K
 RESOURCE_EXHAUSTED, which would reach the client as a 429 to retry; a real token is far shorter.
 """
 
+# The web page runs only its own script and style, talks to any node (other origins), and is
+# not to be framed: a message that slipped past its text-only rendering could run nothing.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; connect-src *; img-src 'self' data:; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 _SSE_HEADERS = {
     "Cache-Control": "no-cache",
     # Proxies such as nginx buffer responses unless told not to; events must not wait.
@@ -607,7 +618,9 @@ class RestGateway:
 
     async def _index(self, _: Request) -> Response:
         assert self._web_root is not None
-        return FileResponse(self._web_root / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(
+            self._web_root / "index.html", headers={"Cache-Control": "no-cache", **_PAGE_HEADERS}
+        )
 
     # The gRPC side.
 

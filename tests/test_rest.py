@@ -509,6 +509,19 @@ async def test_a_client_that_stops_reading_a_stream_is_dropped_and_its_call_canc
     assert "took nothing of what it was sent for 0.5s: connection dropped" in caplog.text
 
 
+async def test_a_connection_that_never_finishes_its_first_request_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pigeon.http, "HEADER_TIMEOUT", 0.5, raising=False)
+    async with (
+        echo_app() as app,
+        raw_connection(app.http, b"GET /v1/echo/x HTTP/1.1\r\nHost: t\r\nX-Slow:") as slow,
+    ):
+        # Closed by the server with nothing sent back; a healthy client is served meanwhile.
+        assert await read_to_end(slow) == b""
+        assert (await app.http.get("/openapi.json")).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("method", "url", "content", "says", "reason"),
     [

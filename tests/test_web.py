@@ -100,7 +100,11 @@ def check_inbox_page(cluster: LocalCluster, page: Page) -> None:
     page.on("pageerror", lambda error: errors.append(str(error)))
     # Failed loads (a missing file's 404 too) show as console errors.
     page.on("console", lambda line: errors.append(line.text) if line.type == "error" else None)
-    page.goto(f"http://{cluster.gate.http_address}/")
+    response = page.goto(f"http://{cluster.gate.http_address}/")
+    # The page runs under a policy that allows its own script only (and works under it: a
+    # violation would be a console error).
+    assert response is not None
+    assert "default-src 'self'" in response.headers["content-security-policy"]
     expect(page).to_have_title("Pigeon inbox")
 
     page.fill("#token", mint_user_token(cluster.secrets.jwt_secret, "alice"))
