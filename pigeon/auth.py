@@ -17,6 +17,7 @@ request.
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -213,13 +214,23 @@ def _header_algorithm(token: str, what: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else "?" for c in algorithm[:32])
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _check_subject(payload: Mapping[str, Any], what: str) -> str:
     subject = payload.get("sub")
     if subject is None or subject == "":
         raise _fail(f"{what} has no sub claim", "TOKEN_NO_SUBJECT")
-    if not isinstance(subject, str) or len(subject) > MAX_USER_ID_LENGTH:
+    if (
+        not isinstance(subject, str)
+        or len(subject) > MAX_USER_ID_LENGTH
+        or _CONTROL_CHARACTERS.search(subject)
+    ):
+        # Control characters too: nobody could address such a user (recipients may have none),
+        # and a newline in an id would forge lines in the logs.
         raise _fail(
-            f"{what} sub claim must be a string of 1 to {MAX_USER_ID_LENGTH} characters",
+            f"{what} sub claim must be a string of 1 to {MAX_USER_ID_LENGTH} characters, "
+            "none of them control characters",
             "TOKEN_BAD_SUBJECT",
         )
     return subject
