@@ -69,7 +69,7 @@ async def serve(config: GateConfig) -> int:
             public=[
                 gate_pb2.DESCRIPTOR.services_by_name["Gate"].methods_by_name["Connect"].full_name
             ],
-            credentials_required=True,
+            auth=auth,
         )
         try:
             async with (

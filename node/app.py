@@ -236,7 +236,7 @@ async def _serve(
     rest = RestGateway(
         [node_pb2.DESCRIPTOR.services_by_name["Node"]],
         cors_origins=config.cors_origins,
-        credentials_required=True,
+        auth=auth,
     )
     async with (
         listen(config, services, auth, rest.routes) as listeners,

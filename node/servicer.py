@@ -133,7 +133,7 @@ def messages_of(
     if sender:
         # One user's call stores a copy per recipient: the whole batch counts against the limit,
         # or one request of 256 drafts to 1,000 users each would hold every writer for seconds.
-        copies = sum(len(m.to) for m in items)
+        copies = sum(len(set(m.to)) for m in items)
         if copies > limits.max_recipients:
             raise InvalidArgument(
                 f"this Send has {copies} recipients in all (its messages together); the limit "

@@ -47,8 +47,11 @@ def _taken(port: int) -> bool:
 
 def _up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    # Owner-only when made here: it holds every message (pigeon.db), the logs and the secrets.
+    # Owner-only: it holds every message (pigeon.db), the logs and the secrets.
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = data_dir.stat()
+    if (data_dir / "up.lock").exists() and mode.st_uid == os.getuid() and mode.st_mode & 0o077:
+        data_dir.chmod(0o700)  # an older pigeon up's folder, made with the umask's mode
     # One cluster per data folder: a second one would wait on the first one's etcd data.
     with (data_dir / "up.lock").open("w") as lock:
         try:

@@ -72,6 +72,7 @@ class _Protocol(H11Protocol):
 
     write_timeout = WRITE_TIMEOUT
     header_timeout = HEADER_TIMEOUT
+    _first_request_due: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -98,7 +99,8 @@ class _Protocol(H11Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._first_request_due.cancel()
+        if self._first_request_due is not None:
+            self._first_request_due.cancel()
         if isinstance(exc, TimeoutError):
             host, port = self.client or ("?", 0)
             log.warning(

@@ -58,6 +58,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pigeon import __version__
+from pigeon.auth import bearer_token
 from pigeon.errors import (
     DETAILS_METADATA_KEY,
     DeadlineExceeded,
@@ -65,6 +66,7 @@ from pigeon.errors import (
     InvalidArgument,
     NotFound,
     PigeonError,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     rich_status,
@@ -79,7 +81,7 @@ from pigeon.openapi import (
     message_of,
     openapi_document,
 )
-from pigeon.server import MAX_REQUEST_BYTES
+from pigeon.server import MAX_REQUEST_BYTES, PUBLIC, Authenticator, authenticator_for
 
 __all__ = [
     "BODY_TIMEOUT",
@@ -125,8 +127,9 @@ STREAMS_END_WITHIN = 1.0
 
 # Bodies up to this size are parsed on the event loop (a few ms at most); larger ones on a
 # thread, at most PARSING_AT_ONCE at a time.
-PARSE_ON_LOOP_BYTES = 64 * 1024
+PARSE_ON_LOOP_BYTES = 4 * 1024
 PARSING_AT_ONCE = 2
+PARSE_WAITING_MAX = 8
 # The largest body of a call that takes no credential (Gate.Connect: a JWT).
 PUBLIC_BODY_BYTES = 64 * 1024
 
@@ -376,6 +379,12 @@ def _decode_json(body: bytes) -> Any:
         ) from None
 
 
+def _decode_into(body: bytes, message: Message, field: str | None) -> None:
+    value = _decode_json(body)
+    if value is not None:
+        _parse_into(value, message, field)
+
+
 def _parse_into(value: Any, message: Message, field: str | None) -> None:
     """Merge parsed JSON into the request, the whole message or one field of it."""
     if field is None and not isinstance(value, dict):
@@ -541,8 +550,9 @@ class RestGateway:
             the gRPC server takes.
         public: Full names of the methods that take no credential (``pigeon.v1.Gate.Connect``):
             so marked in the OpenAPI document, their bodies at most 64 KB.
-        credentials_required: Every other method needs a credential: without one the call goes
-            to the server (which refuses it) with no body read or parsed.
+        auth: The gRPC server's policy (:func:`pigeon.server` authenticators by method): a
+            call with a body is authenticated here first, so one the server would refuse costs
+            no body read or parse.
     """
 
     def __init__(
@@ -555,11 +565,12 @@ class RestGateway:
         unary_timeout: float = 30.0,
         max_body_bytes: int = MAX_REQUEST_BYTES,
         public: Sequence[str] = (),
-        credentials_required: bool = False,
+        auth: Mapping[str, Authenticator] | None = None,
     ) -> None:
         self._services = list(services)
         self._public = tuple(public)
-        self._credentials_required = credentials_required
+        self._auth = auth
+        self._parse_waiting = 0
         # Literal templates before ones with variables, so /v1/messages:read is never taken for
         # a message id; otherwise in declaration order.
         bindings = [b for s in self._services for b in http_bindings(s)]
@@ -740,13 +751,15 @@ class RestGateway:
                 Unavailable("the service is starting or stopping; retry", reason="NOT_READY")
             )
         metadata = _metadata(request, route)
-        # Without a credential the call is refused before its request is looked at: the body is
-        # not read or parsed (a large one costs seconds of this process's only thread).
         public = route.binding.method.full_name in self._public
-        read_body = bool(metadata) or public or not self._credentials_required
-        message = await self._request_message(
-            route, variables, request, read_body=read_body, public=public
-        )
+        refused = self._refused(route, metadata) if route.binding.body else None
+        if refused is not None:
+            # Refused before its body is read or parsed (a large one costs seconds of this
+            # process's only thread); the connection cannot carry another request after it.
+            response = _pigeon_error_response(refused)
+            response.headers["Connection"] = "close"
+            return response
+        message = await self._request_message(route, variables, request, public=public)
         if route.binding.server_streaming:
             return await self._stream(route, message, metadata, request)
         try:
@@ -761,33 +774,56 @@ class RestGateway:
             data = data.get(reply.DESCRIPTOR.fields_by_name[body].json_name)
         return JSONResponse(data)
 
+    def _refused(self, route: _Route, metadata: list[tuple[str, str]]) -> PigeonError | None:
+        """The error the server's policy would refuse the call with, if any."""
+        if self._auth is None:
+            return None
+        authenticate = authenticator_for(self._auth, route.binding.rpc_path)
+        if authenticate is None or authenticate is PUBLIC:
+            return None
+        try:
+            authenticate(bearer_token(metadata))
+        except PigeonError as exc:
+            return exc
+        return None
+
     async def _request_message(
         self,
         route: _Route,
         variables: Mapping[tuple[str, ...], str],
         request: Request,
         *,
-        read_body: bool = True,
         public: bool = False,
     ) -> Message:
         """The RPC's request: the body, then the path variables, then the query (grpc-gateway's
         order, so the path wins over the body)."""
         binding = route.binding
         message = route.request_type()
-        if binding.body and read_body:
+        if binding.body:
             # A public call (Gate.Connect) carries a token, not a batch of messages.
             limit = min(PUBLIC_BODY_BYTES, self._max_body_bytes) if public else None
             body = await self._read_body(request, limit)
-            value = _decode_json(body)
-            if value is not None:
-                field = None if binding.body == "*" else binding.body
-                if len(body) <= PARSE_ON_LOOP_BYTES:
-                    _parse_into(value, message, field)
-                else:
-                    # protobuf's JSON parser is pure Python (seconds for megabytes of small
-                    # elements): on a thread, a few at a time, the loop keeps serving between.
+            field = None if binding.body == "*" else binding.body
+            if len(body) <= PARSE_ON_LOOP_BYTES:
+                _decode_into(body, message, field)
+            else:
+                # protobuf's JSON parser is pure Python (a 64 KB body of small elements takes
+                # 150 ms): on a thread, a few at a time, and only so many waiting.
+                if self._parse_waiting >= PARSE_WAITING_MAX:
+                    raise _BadRequest(
+                        ResourceExhausted(
+                            "too many large requests are being read; retry",
+                            retry_after=1.0,
+                            reason="BUSY",
+                        ),
+                        429,
+                    )
+                self._parse_waiting += 1
+                try:
                     async with self._parsing:
-                        await asyncio.to_thread(_parse_into, value, message, field)
+                        await asyncio.to_thread(_decode_into, body, message, field)
+                finally:
+                    self._parse_waiting -= 1
         for field_path, text in variables.items():
             _set_text(message, field_path, [text], ".".join(field_path))
         if binding.body != "*":
@@ -807,7 +843,7 @@ class RestGateway:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise _BadRequest(
+                        too_large = _BadRequest(
                             InvalidArgument(
                                 f"request body is larger than {max_bytes} bytes",
                                 reason="BODY_TOO_LARGE",
@@ -815,6 +851,9 @@ class RestGateway:
                             ),
                             413,
                         )
+                        # The rest of the body is not read: no other request can follow it.
+                        too_large.headers["Connection"] = "close"
+                        raise too_large
                     chunks.append(chunk)
         except TimeoutError:
             error = _BadRequest(

@@ -121,7 +121,7 @@ def server_options() -> list[tuple[str, Any]]:
     ]
 
 
-def _lookup(policy: Mapping[str, Authenticator], method: str) -> Authenticator | None:
+def authenticator_for(policy: Mapping[str, Authenticator], method: str) -> Authenticator | None:
     """The authenticator for a method: by full method name, else by its service prefix."""
     found = policy.get(method)
     if found is None:
@@ -175,7 +175,7 @@ class _Guard:
         wrapped = {}
         for name, handler in handlers.items():
             method = f"/{service}/{name}"
-            authenticate = _lookup(self._policy, method) or _refuse
+            authenticate = authenticator_for(self._policy, method) or _refuse
             wrapped[name] = _wrap(handler, method, authenticate, self._limits)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
@@ -208,7 +208,7 @@ class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         known = self._wrapped.get(method)
         if known is None or known[0] is not handler:
-            authenticate = _lookup(self._policy, method) or _refuse
+            authenticate = authenticator_for(self._policy, method) or _refuse
             known = (handler, _wrap(handler, method, authenticate, self._limits))
             self._wrapped[method] = known
         return known[1]

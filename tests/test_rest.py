@@ -1265,10 +1265,18 @@ async def test_a_body_without_a_credential_is_not_read_and_a_large_one_is_parsed
     user = await rest.user("parsed")
     anonymous = httpx.AsyncClient(base_url=str(user.node.base_url), timeout=WAIT)
     rest.clients.append(anonymous)
-    # Refused for the missing credential, not for the body it never looked at.
-    for client, path in ((anonymous, "/v1/messages"), (rest.gate, "/v1/publish")):
-        reply = await client.post(path, content=b"{not json" + b" " * 100_000)
+    # Refused for the missing or forged credential, not for the body it never looked at; the
+    # connection ends with the answer, the body unread.
+    forged = {"Authorization": "Bearer forged"}
+    for client, path, headers in (
+        (anonymous, "/v1/messages", {}),
+        (anonymous, "/v1/messages", forged),
+        (rest.gate, "/v1/publish", {}),
+        (rest.gate, "/v1/publish", forged),
+    ):
+        reply = await client.post(path, content=b"{not json" + b" " * 100_000, headers=headers)
         assert reply.status_code == 401, (path, reply.text)
+        assert reply.headers["connection"] == "close"
     # Connect takes no credential, and no more than a token's worth of body.
     reply = await rest.gate.post("/v1/connect", json={"token": "x" * 100_000})
     assert reply.status_code == 413 and error_info(reply.json())["reason"] == "BODY_TOO_LARGE"
