@@ -72,16 +72,11 @@ class _Protocol(H11Protocol):
 
     write_timeout = WRITE_TIMEOUT
     header_timeout = HEADER_TIMEOUT
-    _first_request_due: asyncio.TimerHandle | None = None
+    _request_due: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        # uvicorn bounds the wait for a next request (keep-alive), not for the first one's
-        # headers: a client that opens connections and never finishes a request would hold
-        # them (and their file descriptors) for good.
-        self._first_request_due = asyncio.get_running_loop().call_later(
-            self.header_timeout, self._first_request_late
-        )
+        self._await_request()
         sock = transport.get_extra_info("socket")
         # Linux only; elsewhere a stalled client is held until it leaves.
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -89,8 +84,18 @@ class _Protocol(H11Protocol):
             with contextlib.suppress(OSError):  # not TCP (a Unix socket)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
-    def _first_request_late(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
+    def _await_request(self) -> None:
+        """Bound the wait for the next request's headers. uvicorn bounds neither the first
+        request's nor, once any byte comes, a next one's: a client that opens connections and
+        trickles its headers would hold them (and their file descriptors) for good."""
+        if self._request_due is not None:
+            self._request_due.cancel()
+        self._request_due = asyncio.get_running_loop().call_later(
+            self.header_timeout, self._request_late, self.cycle
+        )
+
+    def _request_late(self, previous: object) -> None:
+        if self.cycle is previous and not self.transport.is_closing():
             log.info(
                 "HTTP client %s:%d sent no whole request in %gs: connection closed",
                 *(self.client or ("?", 0)),
@@ -98,9 +103,15 @@ class _Protocol(H11Protocol):
             )
             self.transport.close()
 
+    def on_response_complete(self) -> None:
+        # Armed on the cycle just completed, before uvicorn starts a pipelined next one.
+        if not self.transport.is_closing():
+            self._await_request()
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._first_request_due is not None:
-            self._first_request_due.cancel()
+        if self._request_due is not None:
+            self._request_due.cancel()
         if isinstance(exc, TimeoutError):
             host, port = self.client or ("?", 0)
             log.warning(

@@ -520,6 +520,16 @@ async def test_a_connection_that_never_finishes_its_first_request_is_closed(
         # Closed by the server with nothing sent back; a healthy client is served meanwhile.
         assert await read_to_end(slow) == b""
         assert (await app.http.get("/openapi.json")).status_code == 200
+    # The same for a next request on a kept-alive connection: its headers have the same time.
+    first = b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n"
+    async with echo_app() as app, raw_connection(app.http, first) as kept:
+        loop = asyncio.get_running_loop()
+        assert (await loop.sock_recv(kept, 65536)).startswith(b"HTTP/1.1 200")
+        # Any byte stops uvicorn's own keep-alive timer; this request never becomes whole.
+        await loop.sock_sendall(kept, b"GET /openapi.json HTTP/1.1\r\nHo")
+        async with asyncio.timeout(WAIT):
+            while await loop.sock_recv(kept, 65536):  # the first answer's rest, then the end
+                pass
 
 
 @pytest.mark.parametrize(
