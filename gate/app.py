@@ -66,9 +66,6 @@ async def serve(config: GateConfig) -> int:
             [gate_pb2.DESCRIPTOR.services_by_name["Gate"]],
             web_root=default_web_root(),
             cors_origins=config.cors_origins,
-            public=[
-                gate_pb2.DESCRIPTOR.services_by_name["Gate"].methods_by_name["Connect"].full_name
-            ],
             auth=auth,
         )
         try:

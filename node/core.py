@@ -50,6 +50,17 @@ FILL_LIMIT = 1024
 RECENT_LIMIT = 100_000
 SYSTEM_SOURCE = "system"
 
+# Seconds between log lines about a failing store.
+STORE_FAILURE_LOG_INTERVAL: Final = 5.0
+
+# Ids one MarkRead may name (each is checked and looked up in the single writer's transaction).
+MAX_MARK_READ_IDS: Final = 1000
+
+# Keys are scoped by sender, and a system sender's name (its source) is one a user may have as
+# well: a user called "shop" must not be able to take the shop's keys and so suppress its
+# messages. A checked key never holds control characters, so no user key can carry this prefix.
+_SYSTEM_KEY_PREFIX: Final = "\x1fsystem\x1f"
+
 
 class Relay(Protocol):
     """Where a node hands what it cannot deliver alone: the dispatcher layer."""
@@ -837,20 +848,23 @@ async def _read(call: Awaitable[T]) -> T:
         ) from exc
 
 
-_store_failures = {"logged_at": -math.inf, "since": 0}
-
-
-def _store_failed(exc: StoreError) -> None:
-    """Log a store failure (what and where: not for callers, who may be anyone), at most once
+class _FailureLog:
+    """Logs store failures (what and where: not for callers, who may be anyone), at most once
     every few seconds while the store stays down."""
-    now = time.monotonic()
-    _store_failures["since"] += 1
-    if now - _store_failures["logged_at"] >= STORE_FAILURE_LOG_INTERVAL:
-        log.warning(
-            "store call failed (%d since the last report): %s", _store_failures["since"], exc
-        )
-        _store_failures["logged_at"] = now
-        _store_failures["since"] = 0
+
+    def __init__(self) -> None:
+        self.logged_at = -math.inf
+        self.since = 0
+
+    def __call__(self, exc: StoreError) -> None:
+        now = time.monotonic()
+        self.since += 1
+        if now - self.logged_at >= STORE_FAILURE_LOG_INTERVAL:
+            log.warning("store call failed (%d since the last report): %s", self.since, exc)
+            self.logged_at, self.since = now, 0
+
+
+_store_failed = _FailureLog()
 
 
 def _after(
@@ -947,18 +961,6 @@ def _new(message: Outgoing, sender: str, kind: Kind) -> NewMessage:
         created_at_ns=time.time_ns(),
         idempotency_key=key,
     )
-
-
-# Seconds between log lines about a failing store.
-STORE_FAILURE_LOG_INTERVAL: Final = 5.0
-
-# Ids one MarkRead may name (each is checked and looked up in the single writer's transaction).
-MAX_MARK_READ_IDS: Final = 1000
-
-# Keys are scoped by sender, and a system sender's name (its source) is one a user may have as
-# well: a user called "shop" must not be able to take the shop's keys and so suppress its
-# messages. A checked key never holds control characters, so no user key can carry this prefix.
-_SYSTEM_KEY_PREFIX: Final = "\x1fsystem\x1f"
 
 
 def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:

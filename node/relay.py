@@ -62,8 +62,10 @@ RETRYABLE = frozenset(
 REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # gRPC refuses messages over 4 MB by default; stay well under it.
 MAX_REQUEST_BYTES = 1 << 20
-# How long the publisher waits after every dispatcher refused a batch, doubling to the most.
-REFUSED_BACKOFF = (0.1, 5.0)
+# Seconds before another round when no dispatcher took a batch; after refusals (not only
+# failures) the pause doubles each round, up to the most.
+RETRY_PAUSE = 0.1
+REFUSED_PAUSE_MAX = 5.0
 
 
 class RelayRefusedError(Exception):
@@ -490,7 +492,7 @@ class DispatcherRelay:
                 if refused:
                     link.refused = exc.code()
                     self._connected_changed.set()
-                    delay = max(delay, REFUSED_BACKOFF[1] / 4)
+                    delay = max(delay, REFUSED_PAUSE_MAX / 4)
             finally:
                 link.deadline = None
                 call.cancel()
@@ -511,7 +513,7 @@ class DispatcherRelay:
                     if self._resync is not None and not self._closing:
                         self._resync()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, REFUSED_BACKOFF[1] if link.refused else 1.0)
+            delay = min(delay * 2, REFUSED_PAUSE_MAX if link.refused else 1.0)
 
     async def _read_link(
         self, link: _Link, call: AsyncIterable[dispatcher_pb2.DispatcherSubscribeResponse]
@@ -650,7 +652,7 @@ class DispatcherRelay:
     async def _publish_loop(self) -> None:
         failed = self._failed
         current: _Link | None = None
-        backoff = REFUSED_BACKOFF[0]
+        backoff = RETRY_PAUSE
         while True:
             await self._outbox_ready.wait()
             if self._hints != {} and self._dispatchers():
@@ -715,23 +717,21 @@ class DispatcherRelay:
                 published = True
                 break
             if published:
-                backoff = REFUSED_BACKOFF[0]
-                continue
-            if refused:
-                # A dispatcher refused it (not only failed): retrying cannot help, and dropping
-                # keeps later envelopes moving (the messages are stored, and streams resync).
+                backoff = RETRY_PAUSE
+            elif refused:
+                # Refused, not only failed (a wrong cluster secret, say): retrying cannot help,
+                # and dropping keeps later envelopes moving (the messages are stored, and streams
+                # resync). The next round's resync hints would be refused too: wait longer each
+                # time.
                 self._drop_in_flight(len(batch))
-            self._in_flight = 0
-            if not order:
-                self._drop_in_flight(len(self._outbox))
-            if refused:
-                # Refused, not only failed (a wrong cluster secret, say): wait longer each time
-                # before the next round, whose resync hints would only be refused too.
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, REFUSED_BACKOFF[1])
+                backoff = min(backoff * 2, REFUSED_PAUSE_MAX)
             else:
+                self._in_flight = 0
+                if not order:
+                    self._drop_in_flight(len(self._outbox))
                 # Out of reach (restarting, say): back soon, so little waits in the outbox.
-                await asyncio.sleep(REFUSED_BACKOFF[0])
+                await asyncio.sleep(RETRY_PAUSE)
 
     def _stream_for(self, order: list[types_pb2.DispatcherInfo]) -> _Link | None:
         """The first dispatcher in order whose stream takes envelopes, if any."""

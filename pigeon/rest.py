@@ -548,11 +548,10 @@ class RestGateway:
         unary_timeout: Deadline of each unary call, seconds.
         max_body_bytes: Largest request body accepted; larger gets 413. The default is what
             the gRPC server takes.
-        public: Full names of the methods that take no credential (``pigeon.v1.Gate.Connect``):
-            so marked in the OpenAPI document, their bodies at most 64 KB.
         auth: The gRPC server's policy (:func:`pigeon.server` authenticators by method): a
             call with a body is authenticated here first, so one the server would refuse costs
-            no body read or parse.
+            no body read or parse; its PUBLIC methods (Gate.Connect) are so marked in the
+            OpenAPI document and take bodies of at most 64 KB.
     """
 
     def __init__(
@@ -564,11 +563,9 @@ class RestGateway:
         web_root: Path | None = None,
         unary_timeout: float = 30.0,
         max_body_bytes: int = MAX_REQUEST_BYTES,
-        public: Sequence[str] = (),
         auth: Mapping[str, Authenticator] | None = None,
     ) -> None:
         self._services = list(services)
-        self._public = tuple(public)
         self._auth = auth
         self._parse_waiting = 0
         # Literal templates before ones with variables, so /v1/messages:read is never taken for
@@ -619,7 +616,7 @@ class RestGateway:
             title=self._title,
             version=__version__,
             comments=Comments.load(),
-            public=self._public,
+            public=[r.binding.method.full_name for r in self._routes if self._public(r)],
         )
 
     async def _openapi(self, _: Request) -> Response:
@@ -751,8 +748,8 @@ class RestGateway:
                 Unavailable("the service is starting or stopping; retry", reason="NOT_READY")
             )
         metadata = _metadata(request, route)
-        public = route.binding.method.full_name in self._public
-        refused = self._refused(route, metadata) if route.binding.body else None
+        public = self._public(route)
+        refused = None if public or not route.binding.body else self._refused(route, metadata)
         if refused is not None:
             # Refused before its body is read or parsed (a large one costs seconds of this
             # process's only thread); the connection cannot carry another request after it.
@@ -774,12 +771,19 @@ class RestGateway:
             data = data.get(reply.DESCRIPTOR.fields_by_name[body].json_name)
         return JSONResponse(data)
 
+    def _public(self, route: _Route) -> bool:
+        """Whether the server's policy takes the route's calls with no credential."""
+        return (
+            self._auth is not None
+            and authenticator_for(self._auth, route.binding.rpc_path) is PUBLIC
+        )
+
     def _refused(self, route: _Route, metadata: list[tuple[str, str]]) -> PigeonError | None:
         """The error the server's policy would refuse the call with, if any."""
         if self._auth is None:
             return None
         authenticate = authenticator_for(self._auth, route.binding.rpc_path)
-        if authenticate is None or authenticate is PUBLIC:
+        if authenticate is None:
             return None
         try:
             authenticate(bearer_token(metadata))
