@@ -65,6 +65,13 @@ MAX_REQUEST_BYTES = 1 << 20
 # Seconds before another round when no dispatcher took a batch; after refusals (not only
 # failures) the pause doubles each round, up to the most.
 RETRY_PAUSE = 0.1
+# An overdue acknowledgement is looked for again after this many passes through the event
+# loop's queue; if they took longer than BUSY_PASSES_S the loop was busy, and the wait goes on,
+# up to OVERDUE_GRACE_S past the timeout (a silent dispatcher is still left while the loop
+# stays busy).
+OVERDUE_PASSES = 3
+BUSY_PASSES_S = 0.05
+OVERDUE_GRACE_S = 5.0
 REFUSED_PAUSE_MAX = 5.0
 
 
@@ -157,6 +164,8 @@ class _Link:
         self.unacked: deque[tuple[int, list[dispatcher_pb2.Envelope], float]] = deque()
         self.acked = asyncio.Event()
         self.deadline: asyncio.Timeout | None = None
+        # Ends the stream through the deadline once the oldest batch is overdue (_overdue).
+        self.guard: asyncio.Handle | None = None
         # The status the dispatcher last refused the stream with (retrying cannot help), if any.
         self.refused: grpc.StatusCode | None = None
 
@@ -221,13 +230,38 @@ class _Link:
         """The stream ended: what it may not have delivered, to be published elsewhere."""
         envelopes = [envelope for _, batch, _ in self.unacked for envelope in batch]
         self.unacked.clear()
+        self._arm()
         self.publishes = False
         self.acked.set()
         return envelopes
 
     def _arm(self) -> None:
-        if self.deadline is not None and not self.deadline.expired():
-            self.deadline.reschedule(self.unacked[0][2] if self.unacked else None)
+        if self.guard is not None:
+            self.guard.cancel()
+            self.guard = None
+        if self.deadline is not None and not self.deadline.expired() and self.unacked:
+            self.guard = asyncio.get_running_loop().call_at(self.unacked[0][2], self._overdue)
+
+    def _overdue(self, passes: int = 0, since: float = 0.0) -> None:
+        """The oldest batch's time is up by the clock. Its acknowledgement may have come and
+        wait in the event loop's queue behind this node's own work (a broadcast wakes 10,000
+        stream writers): the stream ends only once the queue was gone through and the
+        acknowledgement still is not there. While a pass through the queue is that slow, the
+        node, not the dispatcher, is late: the wait is extended, by OVERDUE_GRACE_S at most."""
+        self.guard = None
+        if self.deadline is None or self.deadline.expired() or not self.unacked:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if passes < OVERDUE_PASSES:
+            self.guard = loop.call_soon(self._overdue, passes + 1, since or now)
+            return
+        due = self.unacked[0][2]
+        waited = now - since
+        if waited > BUSY_PASSES_S and now < due + OVERDUE_GRACE_S:
+            self.guard = loop.call_at(now + waited, self._overdue)
+            return
+        self.deadline.reschedule(now)
 
     def update_shared(self, shared: dispatcher_pb2.SharedUsers) -> None:
         if shared.full:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -207,6 +209,10 @@ def _failures(dispatcher_id: str) -> float:
     return value or 0.0
 
 
+def _published() -> float:
+    return REGISTRY.get_sample_value("pigeon_node_envelopes_published_total") or 0.0
+
+
 def _envelopes(prefix: str, count: int, to: str) -> list[dispatcher_pb2.Envelope]:
     return [
         dispatcher_pb2.Envelope(
@@ -268,6 +274,80 @@ async def test_a_dispatcher_that_never_acknowledges_is_left_within_the_publish_t
             await wait_until(lambda: len(b.got) >= 10, 5, "the next envelopes")
             assert b.got[5:] == [f"t{i}" for i in range(5)]
             assert hung.taken == 5
+
+
+# A dispatcher in a process of its own, so that only the node's event loop is kept busy.
+_DISPATCHER_CHILD = """
+import asyncio, sys
+import grpc.aio
+from dispatcher.routing import Router
+from dispatcher.servicer import DispatcherServicer
+from pigeon.v1 import dispatcher_pb2_grpc
+
+async def main():
+    server = grpc.aio.server()
+    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(DispatcherServicer(Router()), server)
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop(None)
+
+asyncio.run(main())
+"""
+
+
+@asynccontextmanager
+async def _dispatcher_process() -> AsyncIterator[dict[str, types_pb2.DispatcherInfo]]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DISPATCHER_CHILD,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(await asyncio.wait_for(child.stdout.readline(), 30))
+        address = f"127.0.0.1:{port}"
+        yield {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=address)}
+    finally:
+        child.kill()
+        await asyncio.wait_for(child.wait(), 10)
+
+
+async def test_a_node_too_busy_to_read_acknowledgements_in_time_keeps_its_dispatcher() -> None:
+    # A broadcast to 10,000 local streams keeps the node's loop busy for a second or two, and
+    # the acknowledgement of its relay waits in the loop's queue meanwhile: the node took that
+    # for a silent dispatcher, resubscribed, and made all its streams read the store.
+    async with _dispatcher_process() as view:
+        a, b = Node("a", view, publish_timeout=0.3), Node("b", view)
+        b.add("ria")
+        async with a.relay, b.relay:
+            await _two_nodes_connected(a, b)
+            failures = _failures("d1")
+            loop = asyncio.get_running_loop()
+            busy_until = loop.time() + 4
+
+            def work() -> None:  # 5 ms of a writer's work, queued again until busy_until
+                started = time.perf_counter()
+                while time.perf_counter() - started < 0.005:
+                    pass
+                if loop.time() < busy_until:
+                    loop.call_soon(work)
+
+            published = _published()
+            for _ in range(100):
+                loop.call_soon(work)
+            # Four publishes in the busy spell: each was a false failover, or very nearly.
+            for round_ in range(4):
+                envelopes = _envelopes(f"r{round_}-", 5, "ria")
+                loop.call_later(0.7 * round_, a.relay.relay, envelopes)
+            # Each acknowledgement is read through a queue that takes 500 ms a pass, and the
+            # publish timeout is 0.3 s.
+            await wait_until(lambda: _published() - published >= 20, 15, "the acknowledgements")
+            await wait_until(lambda: len(b.got) >= 20, 10, "the envelopes to arrive")
+            assert b.got == [f"r{r}-{i}" for r in range(4) for i in range(5)]
+            assert _failures("d1") == failures
 
 
 async def test_after_a_dispatcher_stops_envelopes_go_to_the_other() -> None:
