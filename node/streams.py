@@ -168,8 +168,9 @@ class Pool:
     def users(self) -> Iterator[str]:
         return iter(list(self._by_user))
 
-    def all(self) -> Iterator[Stream]:
-        return (s for streams in list(self._by_user.values()) for s in list(streams.values()))
+    def all(self) -> list[Stream]:
+        # A list made before the caller pushes: an overflowing stream leaves the pool meanwhile.
+        return [s for streams in self._by_user.values() for s in streams.values()]
 
     @property
     def connections(self) -> int:
