@@ -44,6 +44,9 @@ __all__ = [
 
 logger = logging.getLogger("pigeon.registry")
 
+# How often a task that outlived its cancellation is cancelled again (_cancel).
+RECANCEL_S = 1.0
+
 # Channel options for every etcd client we create.
 _CHANNEL_OPTIONS: dict[str, Any] = {
     # gRPC backs off reconnects up to 120 s by default; cap it so that we notice etcd's return
@@ -171,9 +174,20 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Cancel a refresh or watch task and wait for its end, cancelling it again every
+    RECANCEL_S: on Python 3.11 aetcd's asyncio.wait_for (in its watch iterator and its watch
+    set-up) swallows a cancellation that lands as its wait ends, and the task went on retrying
+    for ever, so leaving a registration or a watch hung. These tasks clean up nothing after a
+    cancellation, so a second one cuts nothing short."""
     if task is None or task.done():
         return
-    await cancel_and_wait(task)
+    while True:
+        task.cancel()
+        done, _ = await asyncio.wait((task,), timeout=RECANCEL_S)
+        if done:
+            break
+        logger.debug("%s outlived its cancellation; cancelling it again", task.get_name())
+    await cancel_and_wait(task)  # its own CancelledError ends here; a failure is raised
 
 
 class Registration:

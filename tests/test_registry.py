@@ -21,10 +21,12 @@ from pigeon.config import CommonConfig
 from pigeon.etcd_server import EtcdServer, etcd_binary, free_port
 from pigeon.membership import ClusterView, encode, registered
 from pigeon.registry import (
+    RECANCEL_S,
     PrefixWatch,
     Registration,
     RegistryConflictError,
     RegistryUnavailableError,
+    _cancel,
 )
 from pigeon.v1 import types_pb2
 from tests.waiting import wait_until
@@ -581,3 +583,27 @@ async def test_the_cluster_view_tells_of_nodes_that_join_and_leave(etcd: EtcdSer
             await n1.update(encode(info))  # an update is no second join
             await wait_until(lambda: view.nodes["n1"].connections == 3, 10, "the update")
         await wait_until(lambda: events == [("joined", "n1"), ("left", "n1")], 10, "n1 to leave")
+
+
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again_until_it_ends() -> None:
+    # Python 3.11's asyncio.wait_for, inside aetcd's watch iterator, returns its result and drops
+    # a cancellation that lands as the wait ends: a watch's task then retried for ever, and
+    # leaving the watch (stopping a node, a test's clean-up) hung.
+    cancels = 0
+
+    async def swallows_one() -> None:
+        nonlocal cancels
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels += 1
+                if cancels > 1:
+                    raise
+
+    task = asyncio.create_task(swallows_one())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(RECANCEL_S + 5):
+        await _cancel(task)
+    assert task.cancelled()
+    assert cancels == 2
