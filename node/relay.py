@@ -65,13 +65,10 @@ MAX_REQUEST_BYTES = 1 << 20
 # Seconds before another round when no dispatcher took a batch; after refusals (not only
 # failures) the pause doubles each round, up to the most.
 RETRY_PAUSE = 0.1
-# An overdue acknowledgement is looked for again after this many passes through the event
-# loop's queue; if they took longer than BUSY_PASSES_S the loop was busy, and the wait goes on,
-# up to OVERDUE_GRACE_S past the timeout (a silent dispatcher is still left while the loop
-# stays busy).
-OVERDUE_PASSES = 3
-BUSY_PASSES_S = 0.05
-OVERDUE_GRACE_S = 5.0
+# Passes through the event loop's queue after which an overdue acknowledgement counts as
+# missing: from a batch queued to the stream to its acknowledgement read takes about five
+# (request generator, gRPC's writer, the reply's callback, the reader's wake-up).
+OVERDUE_PASSES = 6
 REFUSED_PAUSE_MAX = 5.0
 
 
@@ -217,6 +214,16 @@ class _Link:
     def unwritten(self) -> list[tuple[int, list[dispatcher_pb2.Envelope]]]:
         return [(seq, batch) for seq, batch, _ in self.unacked if seq > self.written_seq]
 
+    def written(self, seq: int, timeout: float) -> None:
+        """The batch goes to gRPC now: the dispatcher has the whole timeout from here, however
+        long the node itself took to get to it."""
+        self.written_seq = seq
+        due = asyncio.get_running_loop().time() + timeout
+        for i, (queued, envelopes, was_due) in enumerate(self.unacked):
+            if queued == seq:
+                self.unacked[i] = (seq, envelopes, max(was_due, due))
+                return
+
     def published(self, seq: int) -> int:
         """The dispatcher routed the batches up to seq; returns how many envelopes they held."""
         count = 0
@@ -242,26 +249,24 @@ class _Link:
         if self.deadline is not None and not self.deadline.expired() and self.unacked:
             self.guard = asyncio.get_running_loop().call_at(self.unacked[0][2], self._overdue)
 
-    def _overdue(self, passes: int = 0, since: float = 0.0) -> None:
-        """The oldest batch's time is up by the clock. Its acknowledgement may have come and
-        wait in the event loop's queue behind this node's own work (a broadcast wakes 10,000
-        stream writers): the stream ends only once the queue was gone through and the
-        acknowledgement still is not there. While a pass through the queue is that slow, the
-        node, not the dispatcher, is late: the wait is extended, by OVERDUE_GRACE_S at most."""
+    def _overdue(self, passes: int = 0) -> None:
+        """The oldest batch's time is up by the clock. On a busy loop (a broadcast wakes 10,000
+        stream writers, and a pass through the queue takes a second) the batch may not have
+        been written yet, or its acknowledgement may wait in the queue: the stream ends only
+        once the queue was gone through OVERDUE_PASSES times without it. A batch written
+        meanwhile has its whole time from the write. On an idle loop this takes microseconds; on
+        a busy one, the node is late, not the dispatcher."""
         self.guard = None
         if self.deadline is None or self.deadline.expired() or not self.unacked:
             return
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        if self.unacked[0][2] > loop.time():
+            self._arm()  # written late: its time runs from the write
+            return
         if passes < OVERDUE_PASSES:
-            self.guard = loop.call_soon(self._overdue, passes + 1, since or now)
+            self.guard = loop.call_soon(self._overdue, passes + 1)
             return
-        due = self.unacked[0][2]
-        waited = now - since
-        if waited > BUSY_PASSES_S and now < due + OVERDUE_GRACE_S:
-            self.guard = loop.call_at(now + waited, self._overdue)
-            return
-        self.deadline.reschedule(now)
+        self.deadline.reschedule(loop.time())
 
     def update_shared(self, shared: dispatcher_pb2.SharedUsers) -> None:
         if shared.full:
@@ -625,7 +630,7 @@ class DispatcherRelay:
             link.changed.clear()
             # Envelopes go at once; routing changes gather over a short window into one report.
             for seq, envelopes in link.unwritten():
-                link.written_seq = seq
+                link.written(seq, self._publish_timeout)
                 yield dispatcher_pb2.DispatcherSubscribeRequest(
                     envelopes=envelopes, publish_seq=seq
                 )

@@ -320,17 +320,17 @@ async def test_a_node_too_busy_to_read_acknowledgements_in_time_keeps_its_dispat
     # the acknowledgement of its relay waits in the loop's queue meanwhile: the node took that
     # for a silent dispatcher, resubscribed, and made all its streams read the store.
     async with _dispatcher_process() as view:
-        a, b = Node("a", view, publish_timeout=0.3), Node("b", view)
+        a, b = Node("a", view), Node("b", view)  # the default publish timeout, 1 s
         b.add("ria")
         async with a.relay, b.relay:
             await _two_nodes_connected(a, b)
             failures = _failures("d1")
             loop = asyncio.get_running_loop()
-            busy_until = loop.time() + 4
+            busy_until = loop.time() + 6
 
-            def work() -> None:  # 5 ms of a writer's work, queued again until busy_until
+            def work() -> None:  # 12 ms of a writer's work, queued again until busy_until
                 started = time.perf_counter()
-                while time.perf_counter() - started < 0.005:
+                while time.perf_counter() - started < 0.012:
                     pass
                 if loop.time() < busy_until:
                     loop.call_soon(work)
@@ -341,10 +341,9 @@ async def test_a_node_too_busy_to_read_acknowledgements_in_time_keeps_its_dispat
             # Four publishes in the busy spell: each was a false failover, or very nearly.
             for round_ in range(4):
                 envelopes = _envelopes(f"r{round_}-", 5, "ria")
-                loop.call_later(0.7 * round_, a.relay.relay, envelopes)
-            # Each acknowledgement is read through a queue that takes 500 ms a pass, and the
-            # publish timeout is 0.3 s.
-            await wait_until(lambda: _published() - published >= 20, 15, "the acknowledgements")
+                loop.call_later(1.2 * round_, a.relay.relay, envelopes)
+            # Each acknowledgement is read through a queue that takes 1.2 s a pass.
+            await wait_until(lambda: _published() - published >= 20, 20, "the acknowledgements")
             await wait_until(lambda: len(b.got) >= 20, 10, "the envelopes to arrive")
             assert b.got == [f"r{r}-{i}" for r in range(4) for i in range(5)]
             assert _failures("d1") == failures
