@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +23,8 @@ from node.core import NodeCore
 from node.relay import DispatcherRelay
 from node.store.sqlite import SqliteStore
 from node.validate import Outgoing
+from pigeon.etcd_server import EtcdServer, free_port
+from pigeon.local import ServiceProcess
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, node_pb2, types_pb2
 from tests.waiting import wait_until
 
@@ -276,50 +277,43 @@ async def test_a_dispatcher_that_never_acknowledges_is_left_within_the_publish_t
             assert hung.taken == 5
 
 
-# A dispatcher in a process of its own, so that only the node's event loop is kept busy.
-_DISPATCHER_CHILD = """
-import asyncio, sys
-import grpc.aio
-from dispatcher.routing import Router
-from dispatcher.servicer import DispatcherServicer
-from pigeon.v1 import dispatcher_pb2_grpc
-
-async def main():
-    server = grpc.aio.server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(DispatcherServicer(Router()), server)
-    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
-    await server.start()
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop(None)
-
-asyncio.run(main())
-"""
-
-
 @asynccontextmanager
-async def _dispatcher_process() -> AsyncIterator[dict[str, types_pb2.DispatcherInfo]]:
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _DISPATCHER_CHILD,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+async def _dispatcher_process(
+    etcd: EtcdServer, tmp_path: Path
+) -> AsyncIterator[dict[str, types_pb2.DispatcherInfo]]:
+    """A real dispatcher (`python -m dispatcher`), in a process of its own so that only the
+    node's event loop is kept busy."""
+    port, http_port = free_port(), free_port()
+    dispatcher = ServiceProcess(
+        name="d1",
+        module="dispatcher",
+        env={
+            "PATH": "/usr/bin",
+            "PIGEON_DISPATCHER_ID": "d1",
+            "PIGEON_CLUSTER_SECRET": "secret",
+            "PIGEON_ETCD_ENDPOINTS": etcd.endpoint,
+            "PIGEON_PORT": str(port),
+            "PIGEON_HTTP_PORT": str(http_port),
+        },
+        port=port,
+        http_port=http_port,
+        log_path=tmp_path / "d1.log",
     )
+    dispatcher.start()
     try:
-        assert child.stdout is not None
-        port = int(await asyncio.wait_for(child.stdout.readline(), 30))
-        address = f"127.0.0.1:{port}"
-        yield {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=address)}
+        await asyncio.to_thread(dispatcher.wait_healthy, 30)
+        yield {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=dispatcher.address)}
     finally:
-        child.kill()
-        await asyncio.wait_for(child.wait(), 10)
+        await asyncio.to_thread(dispatcher.stop)
 
 
-async def test_a_node_too_busy_to_read_acknowledgements_in_time_keeps_its_dispatcher() -> None:
+async def test_a_node_too_busy_to_read_acknowledgements_in_time_keeps_its_dispatcher(
+    etcd: EtcdServer, tmp_path: Path
+) -> None:
     # A broadcast to 10,000 local streams keeps the node's loop busy for a second or two, and
     # the acknowledgement of its relay waits in the loop's queue meanwhile: the node took that
     # for a silent dispatcher, resubscribed, and made all its streams read the store.
-    async with _dispatcher_process() as view:
+    async with _dispatcher_process(etcd, tmp_path) as view:
         a, b = Node("a", view), Node("b", view)  # the default publish timeout, 1 s
         b.add("ria")
         async with a.relay, b.relay:
