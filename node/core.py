@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Sequence
@@ -31,6 +30,7 @@ from node.validate import (
 )
 from pigeon.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from pigeon.runtime import cancel_and_wait
+from pigeon.sparselog import SparseLog
 from pigeon.v1 import dispatcher_pb2, node_pb2, types_pb2
 
 __all__ = ["NoRelay", "NodeCore", "Relay"]
@@ -848,23 +848,11 @@ async def _read(call: Awaitable[T]) -> T:
         ) from exc
 
 
-class _FailureLog:
-    """Logs store failures (what and where: not for callers, who may be anyone), at most once
-    every few seconds while the store stays down."""
-
-    def __init__(self) -> None:
-        self.logged_at = -math.inf
-        self.since = 0
-
-    def __call__(self, exc: StoreError) -> None:
-        now = time.monotonic()
-        self.since += 1
-        if now - self.logged_at >= STORE_FAILURE_LOG_INTERVAL:
-            log.warning("store call failed (%d since the last report): %s", self.since, exc)
-            self.logged_at, self.since = now, 0
-
-
-_store_failed = _FailureLog()
+# Store failures go to the log (what and where: not to callers, who may be anyone), at most once
+# every few seconds while the store stays down.
+_store_failed = SparseLog(
+    log, STORE_FAILURE_LOG_INTERVAL, "store call failed (%d since the last report): %s"
+)
 
 
 def _after(

@@ -100,6 +100,15 @@ def check_outgoing(
                 reason="NO_RECIPIENTS",
                 field=f"{where}to",
             )
+        # Counted before duplicates collapse too: a list far over the limit costs no more than
+        # one at it.
+        if len(to) > 2 * limits.max_recipients:
+            raise InvalidArgument(
+                f"{where}to has {len(to)} entries; the limit is {limits.max_recipients} recipients",
+                reason="TOO_MANY_RECIPIENTS",
+                field=f"{where}to",
+                limit=str(limits.max_recipients),
+            )
         # Repeated ids collapse: a user gets one copy.
         recipients = tuple(dict.fromkeys(to))
         # Counted before each id is checked: a list far over the limit costs no more.

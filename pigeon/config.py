@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import math
 import os
 import socket
@@ -124,6 +125,14 @@ def _check_etcd_endpoint(value: str) -> str | None:
         port = 0
     if port == 0:
         return f"{value!r} is not host:port with a port from 1 to 65535 (e.g. 127.0.0.1:2379)"
+    return None
+
+
+def _check_network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value.strip(), strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP address or network (e.g. 10.0.0.0/8)"
     return None
 
 
@@ -323,6 +332,53 @@ class CommonConfig:
             f"requests one API key may make at once above key_rate (1 to {_MAX_BURST})",
             minimum=1,
             maximum=_MAX_BURST,
+        ),
+    )
+    auth_failure_rate: float = field(
+        default=5.0,
+        metadata=_rules(
+            "failed authentications per second accepted from one client address (sustained); "
+            "past it, calls that fail authentication get RESOURCE_EXHAUSTED with a retry delay, "
+            "while valid credentials from that address are still served; 0 turns the limit "
+            f"off, otherwise at least {_MIN_RATE:g}",
+            minimum=0,
+            check=_check_rate,
+        ),
+    )
+    auth_failure_burst: int = field(
+        default=100,
+        metadata=_rules(
+            "failed authentications one client address may make at once above "
+            f"auth_failure_rate (1 to {_MAX_BURST})",
+            minimum=1,
+            maximum=_MAX_BURST,
+        ),
+    )
+    trusted_proxies: list[str] = field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        metadata=_rules(
+            "addresses or networks of proxies whose X-Forwarded-For names the client, "
+            "comma-separated (the REST gateway calls its own gRPC server over loopback); a "
+            "client behind anything else is known by the address it connects from",
+            check=_check_network,
+        ),
+    )
+    idle_timeout: float = field(
+        default=120.0,
+        metadata=_rules(
+            "seconds a client connection may stay open with no call in flight before it is "
+            "closed (1 to 86400); a stream is a call, so subscribers are never idle",
+            minimum=1,
+            maximum=86400,
+        ),
+    )
+    max_connections: int = field(
+        default=20000,
+        metadata=_rules(
+            "most client connections each listener (gRPC, HTTP) takes at once (1 to 1000000); "
+            "more wait until some close (gRPC) or get 503 (HTTP)",
+            minimum=1,
+            maximum=1_000_000,
         ),
     )
 

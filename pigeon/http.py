@@ -17,6 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pigeon.ratelimit import parse_networks
+from pigeon.server import CONNECTIONS, count_connections
+
 __all__ = ["HEADER_TIMEOUT", "WRITE_TIMEOUT", "HttpServer", "base_routes"]
 
 log = logging.getLogger("pigeon.http")
@@ -135,6 +138,8 @@ class HttpServer:
         tls_cert: str = "",
         tls_key: str = "",
         start_timeout: float = 10.0,
+        max_connections: int | None = None,
+        trusted_proxies: Sequence[str] = ("127.0.0.1", "::1"),
     ) -> None:
         self.app = Starlette(routes=list(routes))
         # Read here rather than at import, so a test can shorten it.
@@ -154,6 +159,12 @@ class HttpServer:
             ssl_certfile=tls_cert or None,
             ssl_keyfile=tls_key or None,
             timeout_graceful_shutdown=2,
+            # Past this many connections (or requests in flight) uvicorn answers 503 at once.
+            limit_concurrency=max_connections,
+            # The client's address (per-address limits) from X-Forwarded-For, believed only when
+            # a trusted proxy set it.
+            proxy_headers=True,
+            forwarded_allow_ips=[str(n) for n in parse_networks(trusted_proxies)],
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +182,8 @@ class HttpServer:
                 await asyncio.sleep(0.01)
         sockets = [s for server in self._server.servers for s in server.sockets]
         self.port = sockets[0].getsockname()[1]
+        port = self.port
+        CONNECTIONS.labels("http").set_function(lambda: count_connections(port))
         log.info("HTTP listening on port %d", self.port)
         return self
 

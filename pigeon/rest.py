@@ -752,8 +752,17 @@ class RestGateway:
         refused = None if public or not route.binding.body else self._refused(route, metadata)
         if refused is not None:
             # Refused before its body is read or parsed (a large one costs seconds of this
-            # process's only thread); the connection cannot carry another request after it.
+            # process's only thread): the server refuses an empty request the same way, and
+            # counts the failure against the caller's address. The connection cannot carry
+            # another request after it.
             response = _pigeon_error_response(refused)
+            if not route.binding.server_streaming:
+                try:
+                    await self._callable(route)(
+                        route.request_type(), metadata=metadata, timeout=self._unary_timeout
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    response = _error_response(_status_of_rpc_error(exc))
             response.headers["Connection"] = "close"
             return response
         message = await self._request_message(route, variables, request, public=public)
@@ -1022,13 +1031,16 @@ def _apply_resume(message: Any, request: Request) -> None:
 def _metadata(request: Request, route: _Route) -> list[tuple[str, str]]:
     """The call's metadata: the caller's credential, from the header or, for a stream (which an
     EventSource opens without headers), from the access_token query parameter."""
+    # The client as uvicorn resolved it (X-Forwarded-For from trusted proxies): the gRPC server
+    # trusts this process's calls to say who the caller is, for its per-address limits.
+    client = [("x-forwarded-for", request.client.host)] if request.client else []
     authorization = request.headers.get("authorization") or None
     if authorization is None and route.binding.server_streaming:
         token = request.query_params.get("access_token")
         if token:
             authorization = f"Bearer {token}"
     if authorization is None:
-        return []
+        return client
     if len(authorization) > MAX_CREDENTIAL_LENGTH:
         raise _BadRequest(
             Unauthenticated(
@@ -1046,4 +1058,4 @@ def _metadata(request: Request, route: _Route) -> list[tuple[str, str]]:
             ),
             401,
         )
-    return [("authorization", authorization)]
+    return [*client, ("authorization", authorization)]

@@ -1,5 +1,6 @@
-"""The gRPC server every Pigeon service runs: health, reflection, an auth and error guard on
-every handler, server options for stream bursts, TLS, and graceful shutdown."""
+"""The gRPC server every Pigeon service runs: health, reflection, a guard on every handler
+(authentication, rate limits, request size bounds and decoding, errors mapped to statuses), server
+options for stream bursts and idle connections, TLS, and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -9,21 +10,30 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from pigeon.auth import bearer_token
-from pigeon.errors import Internal, PigeonError, Unauthenticated, abort
-from pigeon.ratelimit import RateLimiter
+from pigeon.errors import (
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    PigeonError,
+    ResourceExhausted,
+    Unauthenticated,
+    abort,
+)
+from pigeon.ratelimit import LargeRequests, Network, RateLimiter, client_address
+from pigeon.sparselog import SparseLog
 
 __all__ = [
     "PUBLIC",
@@ -32,7 +42,9 @@ __all__ = [
     "Principal",
     "Service",
     "TlsFiles",
+    "count_connections",
     "current_principal",
+    "request_limit",
     "server_options",
 ]
 
@@ -43,6 +55,23 @@ STOP_MARGIN = 5.0
 
 RPCS = Counter(
     "pigeon_grpc_requests", "gRPC calls handled, by method and status code", ["method", "code"]
+)
+MALFORMED = Counter(
+    "pigeon_grpc_malformed_requests",
+    "Requests refused before decoding or as undecodable",
+    ["reason"],
+)
+AUTH_FAILURES = Counter(
+    "pigeon_auth_failures",
+    "Calls refused for their credentials, by how they were answered",
+    ["answer"],
+)
+CONNECTIONS = Gauge("pigeon_open_connections", "Open client connections, by listener", ["listener"])
+
+# Seconds between two log lines about undecodable requests (anyone can send them).
+MALFORMED_LOG_INTERVAL = 10.0
+_malformed_logged = SparseLog(
+    log, MALFORMED_LOG_INTERVAL, "refused %d undecodable requests since the last report (%s)"
 )
 
 
@@ -103,11 +132,50 @@ class TlsFiles:
 # follows it, or a body it accepted would come back RESOURCE_EXHAUSTED, a 429).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
+# What each Pigeon method can ever accept, so a request past it is refused before it is decoded.
+# Messages travel in Send and Publish (a batch of them) and between nodes; the other requests
+# carry ids, cursors and a token. Methods of other services take up to MAX_REQUEST_BYTES.
+REQUEST_BYTES: Mapping[str, int] = {
+    "/pigeon.v1.Gate/": 64 * 1024,
+    # A user's JWT, with no credential checked yet: the verifier takes tokens of 8 KiB at most.
+    "/pigeon.v1.Gate/Connect": 16 * 1024,
+    "/pigeon.v1.Gate/Publish": MAX_REQUEST_BYTES,
+    "/pigeon.v1.Node/": 64 * 1024,
+    # 1,000 message ids of up to 128 characters.
+    "/pigeon.v1.Node/MarkRead": 256 * 1024,
+    "/pigeon.v1.Node/Send": MAX_REQUEST_BYTES,
+    "/pigeon.v1.Node/Publish": MAX_REQUEST_BYTES,
+    "/pigeon.v1.Dispatcher/": MAX_REQUEST_BYTES,
+}
 
-def server_options() -> list[tuple[str, Any]]:
-    """Channel arguments for a server that takes bursts of thousands of new streams."""
+# How long a connection may stay without a call before the server closes it (clients reconnect
+# on their next call), and how long a new one has to finish its handshake.
+IDLE_CONNECTION_S = 120.0
+HANDSHAKE_S = 10.0
+# Connections one listener takes at once (beyond it, new ones are refused until some close).
+MAX_CONNECTIONS = 20000
+
+
+def request_limit(method: str) -> int:
+    """The largest request ``method`` (``/pkg.Service/Method``) takes, in bytes."""
+    found = REQUEST_BYTES.get(method)
+    if found is None:
+        found = REQUEST_BYTES.get(method[: method.rfind("/") + 1], MAX_REQUEST_BYTES)
+    return found
+
+
+def server_options(
+    *, idle_timeout: float = IDLE_CONNECTION_S, max_connections: int = MAX_CONNECTIONS
+) -> list[tuple[str, Any]]:
+    """Channel arguments for a server that takes bursts of thousands of new streams and closes
+    connections that carry nothing."""
     return [
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        # A connection with no call in flight for this long gets GOAWAY; a stream is a call, so
+        # subscribers are never idle.
+        ("grpc.max_connection_idle_ms", int(idle_timeout * 1000)),
+        ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_S * 1000)),
+        ("grpc.max_allowed_incoming_connections", max_connections),
         # The defaults cancel most of a burst of 10,000 new streams.
         ("grpc.server.max_pending_requests", 20000),
         ("grpc.server.max_pending_requests_hard_limit", 20000),
@@ -129,10 +197,24 @@ def authenticator_for(policy: Mapping[str, Authenticator], method: str) -> Authe
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class _Policy:
+    """What the guard applies to every call of a server."""
+
+    auth: Mapping[str, Authenticator]
+    limits: Mapping[str, RateLimiter]
+    # Failed authentications per client address; None: not limited.
+    failures: RateLimiter | None = None
+    # Proxies whose X-Forwarded-For names the client (the REST gateway calls from loopback).
+    trusted: Sequence[Network] = ()
+    large: LargeRequests = field(default_factory=LargeRequests)
+
+
 class _Guard:
     """Stands in for the grpc.aio server while a service's add function (a generated
     ``add_*Servicer_to_server``) runs, and registers each of its handlers wrapped once:
-    authentication (and rate limits) first, errors mapped to statuses after.
+    authentication (and rate limits) first, then the request's size bound and its decoding, then
+    the handler, with errors mapped to statuses after.
 
     Wrapping at registration rather than in a server interceptor spares every call the
     interceptor chain and a new handler (~100 µs of a ~450 µs unary call). Pigeon methods without
@@ -140,15 +222,9 @@ class _Guard:
     it. Health and reflection are registered on the server directly and stay open.
     """
 
-    def __init__(
-        self,
-        server: grpc.aio.Server,
-        policy: Mapping[str, Authenticator],
-        limits: Mapping[str, RateLimiter],
-    ) -> None:
+    def __init__(self, server: grpc.aio.Server, policy: _Policy) -> None:
         self._server = server
         self._policy = policy
-        self._limits = limits
         self.registered: list[str] = []
         self._generic: list[grpc.GenericRpcHandler[Any, Any]] = []
 
@@ -166,17 +242,16 @@ class _Guard:
         if not self._generic:
             raise TypeError(f"{service}: its add function registered no handlers")
         self._server.add_generic_rpc_handlers(
-            tuple(_GuardedGeneric(h, self._policy, self._limits) for h in self._generic)
+            tuple(_GuardedGeneric(h, self._policy) for h in self._generic)
         )
 
     def add_registered_method_handlers(
         self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        wrapped = {}
-        for name, handler in handlers.items():
-            method = f"/{service}/{name}"
-            authenticate = authenticator_for(self._policy, method) or _refuse
-            wrapped[name] = _wrap(handler, method, authenticate, self._limits)
+        wrapped = {
+            name: _wrap(handler, f"/{service}/{name}", self._policy)
+            for name, handler in handlers.items()
+        }
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
         )
@@ -188,15 +263,9 @@ class _Guard:
 class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """A generic handler whose handlers are wrapped like registered ones (once per method)."""
 
-    def __init__(
-        self,
-        inner: grpc.GenericRpcHandler[Any, Any],
-        policy: Mapping[str, Authenticator],
-        limits: Mapping[str, RateLimiter],
-    ) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], policy: _Policy) -> None:
         self._inner = inner
         self._policy = policy
-        self._limits = limits
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def service(
@@ -208,8 +277,7 @@ class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         method: str = handler_call_details.method
         known = self._wrapped.get(method)
         if known is None or known[0] is not handler:
-            authenticate = authenticator_for(self._policy, method) or _refuse
-            known = (handler, _wrap(handler, method, authenticate, self._limits))
+            known = (handler, _wrap(handler, method, self._policy))
             self._wrapped[method] = known
         return known[1]
 
@@ -218,30 +286,85 @@ def _refuse(_token: str | None) -> Principal:
     raise Unauthenticated("this method takes no callers on this service")
 
 
-def _wrap(
-    handler: Any,
-    method: str,
-    authenticate: Authenticator,
-    limits: Mapping[str, RateLimiter],
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of the handler whose behaviour authenticates (and rate-limits) first and converts
-    errors."""
+def _identity(raw: bytes) -> bytes:
+    return raw
 
-    async def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+
+def _forwarded_for(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    return [
+        value if isinstance(value, str) else value.decode("latin-1")
+        for key, value in context.invocation_metadata() or ()
+        if key == "x-forwarded-for"
+    ]
+
+
+def _decoder(method: str, parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """A request decoder that bounds the request's size first and answers INVALID_ARGUMENT for
+    bytes that are not the method's message (grpc's own answer is UNKNOWN, with the exception's
+    name, and a traceback in the log)."""
+    limit = request_limit(method)
+    decode = parse or _identity
+
+    def decoder(raw: bytes) -> Any:
+        if len(raw) > limit:
+            MALFORMED.labels("too_large").inc()
+            raise InvalidArgument(
+                f"the request is {len(raw)} bytes; {method} takes at most {limit}",
+                reason="REQUEST_TOO_LARGE",
+                limit=str(limit),
+            )
+        try:
+            return decode(raw)
+        except Exception as exc:
+            MALFORMED.labels("undecodable").inc()
+            _malformed_logged(method)
+            raise InvalidArgument(
+                f"the request is not a valid message for {method}", reason="MALFORMED_REQUEST"
+            ) from exc
+
+    return decoder
+
+
+def _wrap(handler: Any, method: str, policy: _Policy) -> grpc.RpcMethodHandler[Any, Any]:
+    """A copy of the handler whose behaviour authenticates (and rate-limits) first, then bounds
+    and decodes the request, and converts errors.
+
+    A unary request reaches the wrapper as bytes and is decoded only once its caller is
+    authenticated and charged for its size.
+    """
+    authenticate = authenticator_for(policy.auth, method) or _refuse
+    decode = _decoder(method, handler.request_deserializer)
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any], exc: PigeonError) -> NoReturn:
+        if policy.failures is not None and isinstance(exc, (Unauthenticated, PermissionDenied)):
+            address = client_address(context.peer(), _forwarded_for(context), policy.trusted)
+            try:
+                policy.failures.take(address)
+                AUTH_FAILURES.labels("refused").inc()
+            except ResourceExhausted as throttled:
+                AUTH_FAILURES.labels("throttled").inc()
+                exc = throttled
+        RPCS.labels(method, exc.code.name).inc()
+        await abort(context, exc)
+
+    async def enter(context: grpc.aio.ServicerContext[Any, Any], size: int = 0) -> Principal:
         try:
             principal = authenticate(bearer_token(context.invocation_metadata()))
-            limiter = limits.get(principal.kind)
+        except PigeonError as exc:
+            await refuse(context, exc)
+        try:
+            limiter = policy.limits.get(principal.kind)
             if limiter is not None:
-                limiter.take(principal.id)
+                limiter.take(principal.id, LargeRequests.cost(size))
         except PigeonError as exc:
             RPCS.labels(method, exc.code.name).inc()
             await abort(context, exc)
         _principal.set(principal)
+        return principal
 
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, PigeonError):
-            RPCS.labels(method, exc.code.name).inc()
-            await abort(context, exc)
+            await refuse(context, exc)
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error in %s (incident %s)", method, incident)
         RPCS.labels(method, "INTERNAL").inc()
@@ -258,10 +381,11 @@ def _wrap(
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await enter(context)
+        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            principal = await enter(context, len(raw))
             try:
-                response = await inner_uu(request, context)
+                with policy.large.admit(principal.kind + ":" + principal.id, len(raw)):
+                    response = await inner_uu(decode(raw), context)
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:
@@ -273,21 +397,18 @@ def _wrap(
             return response
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            unary_unary, response_serializer=handler.response_serializer
         )
 
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, enter, fail, ended, succeeded),
-            request_deserializer=handler.request_deserializer,
+            _streaming(handler.unary_stream, enter, fail, ended, succeeded, decode),
             response_serializer=handler.response_serializer,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _streaming(handler.stream_stream, enter, fail, ended, succeeded),
-            request_deserializer=handler.request_deserializer,
+            _streaming(handler.stream_stream, enter, fail, ended, succeeded, None),
+            request_deserializer=decode,
             response_serializer=handler.response_serializer,
         )
     raise TypeError(f"{method}: client-streaming RPCs are not used by Pigeon")
@@ -295,17 +416,21 @@ def _wrap(
 
 def _streaming(
     inner: Callable[..., Any],
-    enter: Callable[[grpc.aio.ServicerContext[Any, Any]], Any],
+    enter: Callable[[grpc.aio.ServicerContext[Any, Any], int], Any],
     fail: Callable[[grpc.aio.ServicerContext[Any, Any], Exception], Any],
     ended: Callable[[grpc.aio.ServicerContext[Any, Any]], None],
     succeeded: Any,
+    decode: Callable[[bytes], Any] | None,
 ) -> Callable[..., AsyncIterator[Any]]:
+    """The wrapper of a server-streaming handler; ``decode`` decodes a unary request (None for a
+    streamed one, which grpc decodes with the guard's decoder as the handler reads it)."""
+
     async def streaming(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        await enter(context)
+        await enter(context, len(request) if decode is not None else 0)
         try:
-            result = inner(request, context)
+            result = inner(decode(request) if decode is not None else request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
@@ -342,15 +467,24 @@ class GrpcServer:
         grace: float = 5.0,
         limits: Mapping[str, RateLimiter] | None = None,
         serving: bool = True,
+        failures: RateLimiter | None = None,
+        trusted_proxies: Sequence[Network] = (),
+        idle_timeout: float = IDLE_CONNECTION_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._services = list(services)
         # A service that must finish starting (register in etcd) first passes False and calls
         # set_serving(True) when it is ready, so "healthy" means "placeable".
         self.serving = serving
-        self._limits = dict(limits or {})
+        self._policy = _Policy(
+            auth=dict(auth or {}),
+            limits=dict(limits or {}),
+            failures=failures,
+            trusted=tuple(trusted_proxies),
+        )
+        self._options = server_options(idle_timeout=idle_timeout, max_connections=max_connections)
         self._host = host
         self._requested_port = port
-        self._auth = dict(auth or {})
         self._tls = tls
         self._grace = grace
         self._server: grpc.aio.Server | None = None
@@ -358,9 +492,9 @@ class GrpcServer:
         self.port = 0
 
     async def __aenter__(self) -> GrpcServer:
-        server = grpc.aio.server(options=server_options())
+        server = grpc.aio.server(options=self._options)
         for service in self._services:
-            guard = _Guard(server, self._auth, self._limits)
+            guard = _Guard(server, self._policy)
             service.add(guard)  # type: ignore[arg-type]
             guard.finish(service.name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -386,6 +520,8 @@ class GrpcServer:
             raise OSError(f"cannot listen on {address}")
         await server.start()
         self._server = server
+        port = self.port
+        CONNECTIONS.labels("grpc").set_function(lambda: count_connections(port))
         await self.set_serving(self.serving)
         log.info("gRPC listening on %s:%d (%s)", self._host, self.port, ", ".join(names))
         return self
@@ -421,3 +557,22 @@ class GrpcServer:
                 "the gRPC server did not finish stopping within %.0f s of its grace period",
                 STOP_MARGIN,
             )
+
+
+_TCP_ESTABLISHED = "01"
+
+
+def count_connections(port: int) -> int:
+    """Established TCP connections to a local port of this process's network namespace (Linux;
+    0 where /proc is not there)."""
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split(None, 4)
+            if fields[3] == _TCP_ESTABLISHED and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count

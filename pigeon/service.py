@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 from pigeon.config import CommonConfig, load_config
 from pigeon.errors import ConfigError
 from pigeon.http import HttpServer, base_routes
-from pigeon.ratelimit import RateLimiter
+from pigeon.ratelimit import RateLimiter, parse_networks
 from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.runtime import configure_logging, freeze_heap, rescan_heap, run, stop_signals
 from pigeon.server import Authenticator, GrpcServer, Service, TlsFiles
@@ -149,6 +149,20 @@ class ChannelCache:
         await self.keep_only(())
 
 
+def failure_limiter(config: CommonConfig) -> RateLimiter:
+    """The limit on failed authentications per client address."""
+    return RateLimiter(
+        config.auth_failure_rate,
+        config.auth_failure_burst,
+        "address",
+        message=(
+            f"too many failed authentications from this address (over {config.auth_failure_rate:g}"
+            "/s); check the credential, and retry after the delay"
+        ),
+        reason="TOO_MANY_AUTH_FAILURES",
+    )
+
+
 def tls_files(config: CommonConfig) -> TlsFiles | None:
     """The listener TLS files, if configured."""
     return TlsFiles(config.tls_cert, config.tls_key) if config.tls_cert else None
@@ -170,6 +184,7 @@ async def listen(
     # Its own port: with TLS by the advertised name (the one its certificate has); otherwise
     # straight over loopback when it listens on every address.
     own = host if config.tls_cert else _bracketed(_WILDCARDS.get(config.host, config.host))
+    failures = failure_limiter(config)
     async with contextlib.AsyncExitStack() as stack:
         grpc_server = await _bound(
             stack,
@@ -185,6 +200,10 @@ async def listen(
                     "system": RateLimiter(config.key_rate, config.key_burst, "key"),
                 },
                 serving=False,
+                failures=failures,
+                trusted_proxies=parse_networks(config.trusted_proxies),
+                idle_timeout=config.idle_timeout,
+                max_connections=config.max_connections,
             ),
             "port",
         )
@@ -197,6 +216,8 @@ async def listen(
                 port=config.http_port,
                 tls_cert=config.tls_cert,
                 tls_key=config.tls_key,
+                max_connections=config.max_connections,
+                trusted_proxies=config.trusted_proxies,
             ),
             "http_port",
         )

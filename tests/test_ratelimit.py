@@ -11,7 +11,13 @@ from grpc_status import rpc_status
 
 from node.store.memory import MemoryStore
 from pigeon.errors import ResourceExhausted, rich_status
-from pigeon.ratelimit import RateLimiter
+from pigeon.ratelimit import (
+    LARGE_REQUEST_BYTES,
+    LargeRequests,
+    RateLimiter,
+    client_address,
+    parse_networks,
+)
 from pigeon.v1 import node_pb2
 from tests.node_harness import running_node
 
@@ -91,3 +97,31 @@ def test_a_refusal_just_short_of_a_token_still_names_a_wait(
     with pytest.raises(ResourceExhausted) as again:
         limiter.take("alice")
     assert again.value.retry_after == 1.0
+
+
+# --- client addresses and large requests (unit) ---------------------------------------------
+
+
+def test_the_client_address_is_taken_from_x_forwarded_for_only_through_trusted_proxies() -> None:
+    trusted = parse_networks(["127.0.0.1", "10.0.0.0/8"])
+    assert client_address("ipv4:127.0.0.1:5000", ["203.0.113.1"], trusted) == "203.0.113.1"
+    # Each hop is believed only while the one that appended it is trusted.
+    hops = ["198.51.100.1, 203.0.113.1, 10.1.2.3"]
+    assert client_address("ipv4:127.0.0.1:5000", hops, trusted) == "203.0.113.1"
+    assert client_address("ipv4:192.0.2.5:5000", ["203.0.113.1"], trusted) == "192.0.2.5"
+    assert client_address("ipv6:[::1]:5000", ["203.0.113.1"], trusted) == "::1"
+    assert client_address("198.51.100.7", [], trusted) == "198.51.100.7"
+
+
+def test_a_caller_has_at_most_two_large_requests_in_flight() -> None:
+    large = LargeRequests()
+    big = LARGE_REQUEST_BYTES + 1
+    with large.admit("user:a", big), large.admit("user:a", big):
+        with pytest.raises(ResourceExhausted) as caught, large.admit("user:a", big):
+            pass
+        assert caught.value.reason == "TOO_MANY_LARGE_REQUESTS"
+        with large.admit("user:b", big), large.admit("user:a", 100):
+            pass
+    with large.admit("user:a", big):
+        pass
+    assert LargeRequests.cost(4 * 1024 * 1024) == 64 and LargeRequests.cost(10) == 1
