@@ -81,6 +81,7 @@ from pigeon.openapi import (
     message_of,
     openapi_document,
 )
+from pigeon.ratelimit import LargeRequests
 from pigeon.server import MAX_REQUEST_BYTES, PUBLIC, Authenticator, authenticator_for
 
 __all__ = [
@@ -585,6 +586,7 @@ class RestGateway:
         self._closing = False
         self._document: bytes | None = None
         self._parsing = asyncio.Semaphore(PARSING_AT_ONCE)
+        self._large = LargeRequests()
 
     # The HTTP side.
 
@@ -749,7 +751,9 @@ class RestGateway:
             )
         metadata = _metadata(request, route)
         public = self._public(route)
-        refused = None if public or not route.binding.body else self._refused(route, metadata)
+        caller, refused = (
+            ("", None) if public or not route.binding.body else self._caller(route, metadata)
+        )
         if refused is not None:
             # Refused before its body is read or parsed (a large one costs seconds of this
             # process's only thread): the server refuses an empty request the same way, and
@@ -765,7 +769,7 @@ class RestGateway:
                     response = _error_response(_status_of_rpc_error(exc))
             response.headers["Connection"] = "close"
             return response
-        message = await self._request_message(route, variables, request, public=public)
+        message = await self._request_message(route, variables, request, caller, public=public)
         if route.binding.server_streaming:
             return await self._stream(route, message, metadata, request)
         try:
@@ -787,24 +791,28 @@ class RestGateway:
             and authenticator_for(self._auth, route.binding.rpc_path) is PUBLIC
         )
 
-    def _refused(self, route: _Route, metadata: list[tuple[str, str]]) -> PigeonError | None:
-        """The error the server's policy would refuse the call with, if any."""
+    def _caller(
+        self, route: _Route, metadata: list[tuple[str, str]]
+    ) -> tuple[str, PigeonError | None]:
+        """Who the server's policy takes the call to be (empty when unknown), or the error it
+        would refuse the call with."""
         if self._auth is None:
-            return None
+            return "", None
         authenticate = authenticator_for(self._auth, route.binding.rpc_path)
         if authenticate is None:
-            return None
+            return "", None
         try:
-            authenticate(bearer_token(metadata))
+            principal = authenticate(bearer_token(metadata))
         except PigeonError as exc:
-            return exc
-        return None
+            return "", exc
+        return f"{principal.kind}:{principal.id}", None
 
     async def _request_message(
         self,
         route: _Route,
         variables: Mapping[tuple[str, ...], str],
         request: Request,
+        caller: str = "",
         *,
         public: bool = False,
     ) -> Message:
@@ -833,8 +841,12 @@ class RestGateway:
                     )
                 self._parse_waiting += 1
                 try:
-                    async with self._parsing:
-                        await asyncio.to_thread(_decode_into, body, message, field)
+                    # One caller cannot take every place: a large body is one of its own few.
+                    with self._large.admit(caller or "?", len(body)):
+                        async with self._parsing:
+                            await asyncio.to_thread(_decode_into, body, message, field)
+                except PigeonError as exc:
+                    raise _BadRequest(exc, 429) from None
                 finally:
                     self._parse_waiting -= 1
         for field_path, text in variables.items():

@@ -315,3 +315,20 @@ async def test_failed_authentication_over_rest_is_429_with_retry_after(
             headers={"X-Forwarded-For": "198.51.100.10", "Authorization": "Bearer nope"},
         )
         assert reply.status_code == 401
+
+
+async def test_a_user_parses_at_most_two_large_rest_bodies_at_once(
+    gate: grpc.aio.Channel, cluster: LocalCluster
+) -> None:
+    _, token = await session(gate, cluster, "hal")
+    body = {"to": [f"u{i:06d}" for i in range(300_000)], "body": "x"}
+    async with httpx.AsyncClient(
+        base_url=f"http://{cluster.nodes[0].http_address}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+    ) as http:
+        replies = await asyncio.gather(*(http.post("/v1/messages", json=body) for _ in range(4)))
+    reasons = sorted((r.status_code, r.json()["details"][0]["reason"]) for r in replies)
+    assert (429, "TOO_MANY_LARGE_REQUESTS") in reasons, reasons
+    # None of them was stored, and the user can still send.
+    assert all(r.status_code in (400, 429) for r in replies), reasons
