@@ -176,3 +176,35 @@ async def test_calls_the_caller_leaves_or_lets_expire_are_counted() -> None:
                 or count("Send", "DEADLINE_EXCEEDED") == expired
             ):
                 await asyncio.sleep(0.05)
+
+
+async def test_a_listener_takes_at_most_max_connections_and_counts_them() -> None:
+    service = Service(
+        "pigeon.v1.Node", lambda s: node_pb2_grpc.add_NodeServicer_to_server(_Node(), s)
+    )
+    request = node_pb2.SendRequest(body="hi")
+    good = (("authorization", "Bearer good"),)
+    async with GrpcServer([service], auth={"/pigeon.v1.Node/": _user}, max_connections=2) as server:
+        address = f"127.0.0.1:{server.port}"
+        # Separate connections: channels with the same target would share one.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        first = grpc.aio.insecure_channel(address, options=options)
+        second = grpc.aio.insecure_channel(address, options=options)
+        third = grpc.aio.insecure_channel(address, options=options)
+        try:
+            for channel in (first, second):
+                await node_pb2_grpc.NodeStub(channel).Send(request, metadata=good, timeout=5)
+            assert server_module.count_connections(server.port) == 2
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await node_pb2_grpc.NodeStub(third).Send(request, metadata=good, timeout=1)
+            assert refused.value.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            await first.close()
+            await node_pb2_grpc.NodeStub(third).Send(
+                request, metadata=good, timeout=5, wait_for_ready=True
+            )
+        finally:
+            for channel in (first, second, third):
+                await channel.close()
