@@ -68,7 +68,13 @@ async def serve(config: DispatcherConfig) -> int:
             config, dispatcher_key(config.etcd_prefix, dispatcher_id), info, refresh, 2.0
         ):
             await listeners.grpc.set_serving(True)
-            log.info("dispatcher %s serving gRPC on %s", dispatcher_id, listeners.address)
+            log.info(
+                "dispatcher %s serving gRPC on %s, HTTP on %s, metrics on %s",
+                dispatcher_id,
+                listeners.address,
+                listeners.http_address,
+                listeners.metrics_address or "(off)",
+            )
             await wait_for_stop()
     return 0
 

@@ -90,7 +90,12 @@ async def serve_once_loaded(view: ClusterView, listeners: Listeners) -> None:
         log.warning("waiting for etcd before serving: no node is known yet")
     await view.watch.loaded.wait()
     await listeners.grpc.set_serving(True)
-    log.info("gate serving gRPC on %s, HTTP on %s", listeners.address, listeners.http_address)
+    log.info(
+        "gate serving gRPC on %s, HTTP on %s, metrics on %s",
+        listeners.address,
+        listeners.http_address,
+        listeners.metrics_address or "(off)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

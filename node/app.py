@@ -272,10 +272,11 @@ async def _serve(
         ) as registration:
             await listeners.grpc.set_serving(True)
             log.info(
-                "node %s serving gRPC on %s, HTTP on %s",
+                "node %s serving gRPC on %s, HTTP on %s, metrics on %s",
                 node_id,
                 listeners.address,
                 listeners.http_address,
+                listeners.metrics_address or "(off)",
             )
             await wait_for_stop()
             # Drain: leave the Gates' view first so no new user lands here while streams move.

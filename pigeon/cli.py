@@ -102,16 +102,15 @@ def _up_locked(args: argparse.Namespace) -> int:
         print(f"pigeon up: start-up failed: {exc}", file=sys.stderr)
         return 1
     s = cluster.secrets
+    processes = [cluster.gate, *cluster.nodes, *cluster.dispatchers]
     lines = [
         "",
         "Pigeon is up.",
-        f"  gate         gRPC {cluster.gate.address}   HTTP http://{cluster.gate.http_address}",
-        *(f"  {n.name:<12} gRPC {n.address}   HTTP http://{n.http_address}" for n in cluster.nodes),
-        *(
-            f"  {d.name:<12} gRPC {d.address}   HTTP http://{d.http_address} (health, metrics)"
-            for d in cluster.dispatchers
-        ),
+        *(f"  {p.name:<12} gRPC {p.address}   HTTP http://{p.http_address}" for p in processes),
         f"  etcd         {cluster.etcd.endpoint}",
+        "",
+        "  Prometheus metrics (ops listeners, on loopback only):",
+        *(f"  {p.name:<12} {p.metrics_url}" for p in processes),
         "",
         f"  PIGEON_JWT_SECRET={s.jwt_secret}",
         f"  PIGEON_API_KEYS={s.api_key}",

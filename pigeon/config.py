@@ -172,8 +172,32 @@ def _heartbeat_rules(help: str) -> dict[str, Any]:
 
 _GRPC_PORT = _rules("gRPC listen port; 0 picks a free port", minimum=0, maximum=65535)
 _HTTP_PORT = _rules(
-    "HTTP listen port (REST, metrics); 0 picks a free port", minimum=0, maximum=65535
+    "HTTP listen port (REST, web page, health); 0 picks a free port", minimum=0, maximum=65535
 )
+
+
+def _check_listen_address(value: str) -> str | None:
+    if not value:
+        return None
+    host, colon, port = value.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        return f"{value!r} is not host:port with a port from 0 to 65535 (e.g. 127.0.0.1:9071)"
+    return None
+
+
+def _metrics_address(port: int) -> Any:
+    # Loopback by default: the metrics show failure reasons, placements and counts, which are
+    # for the operator's scraper, not for whoever reaches the public port.
+    return field(
+        default=f"127.0.0.1:{port}",
+        metadata=_rules(
+            "host:port of the ops HTTP listener that serves Prometheus /metrics (and /healthz); "
+            "loopback by default, port 0 picks a free port, empty turns it off. The public HTTP "
+            "port answers /metrics with 404",
+            check=_check_listen_address,
+        ),
+    )
+
 
 # Secrets are declared with repr=False: configs get logged at start-up and show up in tracebacks.
 
@@ -260,6 +284,7 @@ class CommonConfig:
     )
     port: int = field(default=0, metadata=_GRPC_PORT)
     http_port: int = field(default=0, metadata=_HTTP_PORT)
+    metrics_address: str = _metrics_address(0)
     tls_cert: str = field(
         default="", metadata=_rules("PEM certificate chain file for TLS on every listener")
     )
@@ -429,6 +454,7 @@ class GateConfig(CommonConfig):
 
     port: int = field(default=7070, metadata=_GRPC_PORT)
     http_port: int = field(default=8070, metadata=_HTTP_PORT)
+    metrics_address: str = _metrics_address(9070)
     jwt_public_keys: list[str] = field(
         default_factory=list,
         metadata=_rules(
@@ -506,6 +532,7 @@ class NodeConfig(CommonConfig):
     )
     port: int = field(default=7071, metadata=_GRPC_PORT)
     http_port: int = field(default=8071, metadata=_HTTP_PORT)
+    metrics_address: str = _metrics_address(9071)
     store: str = field(
         default="sqlite",
         metadata=_rules(
@@ -627,6 +654,7 @@ class DispatcherConfig(CommonConfig):
     )
     port: int = field(default=7072, metadata=_GRPC_PORT)
     http_port: int = field(default=8072, metadata=_HTTP_PORT)
+    metrics_address: str = _metrics_address(9072)
     routing_mode: str = field(
         default="routed",
         metadata=_rules(

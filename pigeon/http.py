@@ -1,4 +1,5 @@
-"""The HTTP server beside each service's gRPC server (health, metrics; REST mounts here)."""
+"""The HTTP servers beside each service's gRPC server: the public one (health; REST mounts here)
+and the ops one (metrics, health)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 
 import uvicorn
+from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -17,10 +19,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pigeon.errors import NotFound, rich_status
 from pigeon.ratelimit import parse_networks
 from pigeon.server import CONNECTIONS, count_connections
 
-__all__ = ["HEADER_TIMEOUT", "WRITE_TIMEOUT", "HttpServer", "base_routes"]
+__all__ = ["HEADER_TIMEOUT", "WRITE_TIMEOUT", "HttpServer", "base_routes", "ops_routes"]
 
 log = logging.getLogger("pigeon.http")
 
@@ -31,19 +34,40 @@ HEADER_TIMEOUT = 15.0
 """Seconds a new connection has to send its first request's headers."""
 
 
-def base_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
-    """/healthz (200 while serving, 503 otherwise) and Prometheus /metrics."""
-
+def _healthz(is_healthy: Callable[[], bool]) -> Route:
     async def healthz(_: Request) -> Response:
         healthy = is_healthy()
         return JSONResponse(
             {"status": "serving" if healthy else "not_serving"}, status_code=200 if healthy else 503
         )
 
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Route("/healthz", healthz)
 
-    return [Route("/healthz", healthz), Route("/metrics", metrics)]
+
+async def _metrics(_: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _metrics_elsewhere(_: Request) -> Response:
+    # Metrics show failure reasons, placements and counts: they are for the operator's scraper
+    # on the ops listener only.
+    error = NotFound(
+        "metrics are not served on the public HTTP port: scrape /metrics on the ops listener"
+        " (setting metrics_address, PIGEON_METRICS_ADDRESS; loopback by default)",
+        reason="NO_ROUTE",
+    )
+    return JSONResponse(json_format.MessageToDict(rich_status(error)), status_code=404)
+
+
+def base_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
+    """The public port's own routes: /healthz (200 while serving, 503 otherwise), and /metrics
+    answered with 404 (metrics are on the ops listener, :func:`ops_routes`)."""
+    return [_healthz(is_healthy), Route("/metrics", _metrics_elsewhere)]
+
+
+def ops_routes(is_healthy: Callable[[], bool]) -> list[BaseRoute]:
+    """The ops listener's routes: /healthz as on the public port, and Prometheus /metrics."""
+    return [_healthz(is_healthy), Route("/metrics", _metrics)]
 
 
 class _Server(uvicorn.Server):
@@ -140,6 +164,7 @@ class HttpServer:
         start_timeout: float = 10.0,
         max_connections: int | None = None,
         trusted_proxies: Sequence[str] = ("127.0.0.1", "::1"),
+        listener: str = "http",
     ) -> None:
         self.app = Starlette(routes=list(routes))
         # Read here rather than at import, so a test can shorten it.
@@ -169,6 +194,8 @@ class HttpServer:
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
         self._start_timeout = start_timeout
+        # Names the listener in pigeon_open_connections.
+        self._listener = listener
         self.port = 0
 
     async def __aenter__(self) -> HttpServer:
@@ -183,7 +210,7 @@ class HttpServer:
         sockets = [s for server in self._server.servers for s in server.sockets]
         self.port = sockets[0].getsockname()[1]
         port = self.port
-        CONNECTIONS.labels("http").set_function(lambda: count_connections(port))
+        CONNECTIONS.labels(self._listener).set_function(lambda: count_connections(port))
         log.info("HTTP listening on port %d", self.port)
         return self
 

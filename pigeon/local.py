@@ -80,6 +80,8 @@ class ServiceProcess:
     port: int
     http_port: int
     log_path: Path
+    # Its ops listener (Prometheus /metrics), on loopback; 0 when it has none.
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -89,6 +91,17 @@ class ServiceProcess:
     @property
     def http_address(self) -> str:
         return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def metrics_address(self) -> str:
+        """host:port of its ops listener, empty when it has none."""
+        return f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
+
+    @property
+    def metrics_url(self) -> str:
+        """Where its Prometheus metrics are scraped (https when the cluster uses TLS)."""
+        scheme = "https" if self.env.get("PIGEON_TLS_CERT") else "http"
+        return f"{scheme}://{self.metrics_address}/metrics" if self.metrics_port else ""
 
     @property
     def alive(self) -> bool:
@@ -263,13 +276,22 @@ class LocalCluster:
     ) -> ServiceProcess:
         port = port or free_port()
         http_port = http_port or free_port()
+        # Free ports like the others: each service's default would clash on one machine.
+        metrics_port = free_port()
         return ServiceProcess(
             name=name,
             module=module,
-            env={**self._env, **env, "PIGEON_PORT": str(port), "PIGEON_HTTP_PORT": str(http_port)},
+            env={
+                **self._env,
+                **env,
+                "PIGEON_PORT": str(port),
+                "PIGEON_HTTP_PORT": str(http_port),
+                "PIGEON_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
+            },
             port=port,
             http_port=http_port,
             log_path=self.data_dir / "logs" / f"{name}.log",
+            metrics_port=metrics_port,
         )
 
     @property

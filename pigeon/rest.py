@@ -49,13 +49,15 @@ from google.protobuf.message import Message
 # googleapis-common-protos ships .pyi stubs but no py.typed marker (see pigeon.errors).
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from starlette.background import BackgroundTask
-from starlette.datastructures import URLPath
+from starlette.datastructures import MutableHeaders, URLPath
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Mount, NoMatchFound, Route, Router
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
 
 from pigeon import __version__
 from pigeon.auth import bearer_token
@@ -154,6 +156,26 @@ _PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class _WithPageHeaders:
+    """An ASGI app whose every response, its errors (a 404) included, carries _PAGE_HEADERS:
+    a script or style under /web, or a page put there later, is as locked down as the page."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        # Its own exception handling: an error answered further out would go without them.
+        self._app = ExceptionMiddleware(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _PAGE_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
+
 
 _SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -594,10 +616,11 @@ class RestGateway:
     def routes(self) -> list[BaseRoute]:
         """One Starlette route that serves ``/openapi.json``, the web page (if any) and every
         transcoded RPC, behind CORS; everything else under it is a JSON 404."""
-        inner: list[BaseRoute] = [Route("/openapi.json", self._openapi, methods=["GET"])]
+        inner: list[BaseRoute] = [Route("/openapi.json", self._openapi_page, methods=["GET"])]
         if self._web_root is not None:
             inner.append(Route("/", self._index, methods=["GET"]))
-            inner.append(Mount("/web", app=StaticFiles(directory=self._web_root)))
+            static = StaticFiles(directory=self._web_root)
+            inner.append(Mount("/web", app=_WithPageHeaders(static)))
         inner.append(_Everything(self._transcode))
         app: ASGIApp = Router(routes=inner)
         if self._cors_origins:
@@ -631,6 +654,12 @@ class RestGateway:
         return FileResponse(
             self._web_root / "index.html", headers={"Cache-Control": "no-cache", **_PAGE_HEADERS}
         )
+
+    async def _openapi_page(self, request: Request) -> Response:
+        # Data, not a page; still never to be sniffed into one, nor framed.
+        response = await self._openapi(request)
+        response.headers.update(_PAGE_HEADERS)
+        return response
 
     # The gRPC side.
 

@@ -20,7 +20,7 @@ from starlette.routing import BaseRoute
 
 from pigeon.config import CommonConfig, load_config
 from pigeon.errors import ConfigError
-from pigeon.http import HttpServer, base_routes
+from pigeon.http import HttpServer, base_routes, ops_routes
 from pigeon.ratelimit import RateLimiter, parse_networks
 from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.runtime import configure_logging, freeze_heap, rescan_heap, run, stop_signals
@@ -93,6 +93,9 @@ class Listeners:
     http_address: str
     # Where this process reaches its own gRPC port (its REST gateway does).
     self_address: str
+    # The ops listener (Prometheus /metrics, /healthz) and its host:port; None and "" when off.
+    metrics: HttpServer | None = None
+    metrics_address: str = ""
 
 
 INTERNAL_CHANNEL_OPTIONS = [
@@ -175,7 +178,8 @@ async def listen(
     auth: Mapping[str, Authenticator],
     routes: Sequence[BaseRoute] = (),
 ) -> AsyncIterator[Listeners]:
-    """Start the gRPC server and the HTTP server (health, metrics and the given routes).
+    """Start the gRPC server, the HTTP server (health and the given routes) and the ops listener
+    (metrics and health, at metrics_address unless it is empty).
 
     Health says NOT_SERVING until the caller's set_serving(True): when it is registered and can
     be placed on.
@@ -221,6 +225,23 @@ async def listen(
             ),
             "http_port",
         )
+        metrics_server, metrics_address = None, ""
+        if config.metrics_address:
+            metrics_host, _, metrics_port = config.metrics_address.rpartition(":")
+            metrics_server = await _bound(
+                stack,
+                HttpServer(
+                    ops_routes(lambda: grpc_server.serving),
+                    host=metrics_host.strip("[]"),
+                    port=int(metrics_port),
+                    tls_cert=config.tls_cert,
+                    tls_key=config.tls_key,
+                    listener="ops",
+                ),
+                "metrics_address",
+            )
+            metrics_address = f"{_bracketed(metrics_host)}:{metrics_server.port}"
+            log.info("metrics (ops HTTP) listening on %s", metrics_address)
         try:
             yield Listeners(
                 grpc_server,
@@ -228,6 +249,8 @@ async def listen(
                 f"{host}:{grpc_server.port}",
                 f"{host}:{http_server.port}",
                 f"{own}:{grpc_server.port}",
+                metrics_server,
+                metrics_address,
             )
         finally:
             grpc_server.serving = False
@@ -247,9 +270,12 @@ async def _bound(stack: contextlib.AsyncExitStack, server: _S, setting: str) -> 
         return await stack.enter_async_context(server)
     except OSError as exc:
         variable = f"PIGEON_{setting.upper()}"
+        fix = "to a free port, or 0 for any"
+        if setting == "metrics_address":
+            fix = "to host:port with a free port (0 for any), or to empty to turn metrics off"
         raise ConfigError(
             f"{exc}: the port is taken, or the host is not an address of this machine; set"
-            f" {setting} ({variable}) to a free port, or 0 for any",
+            f" {setting} ({variable}) {fix}",
             key=setting,
         ) from exc
 

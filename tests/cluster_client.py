@@ -55,8 +55,11 @@ class ClusterClient:
 
     @staticmethod
     def metric(service: ServiceProcess, name: str) -> float:
-        """The sum of a Prometheus counter or gauge over its labels, from /metrics."""
-        text = httpx.get(f"http://{service.http_address}/metrics", timeout=5).text
+        """The sum of a Prometheus counter or gauge over its labels, from its ops listener."""
+        reply = httpx.get(service.metrics_url, timeout=5)
+        # A page that is not the metrics would read as zero for every name.
+        reply.raise_for_status()
+        text = reply.text
         pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.M)
         return sum(float(v) for v in pattern.findall(text))
 

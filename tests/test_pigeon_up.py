@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -131,6 +133,27 @@ def test_pigeon_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
         assert [pid for pid in children if alive(pid)] == []
+    finally:
+        kill_all(process)
+
+
+def test_pigeon_up_prints_where_each_process_serves_its_metrics(tmp_path: Path) -> None:
+    process = start_up(tmp_path / "up")
+    try:
+        printed = read_until(process, "Ctrl-C stops everything", timeout=60)
+        public = dict(re.findall(r"^  (\S+) +gRPC \S+ +HTTP (http://\S+)$", printed, re.M))
+        scraped = dict(re.findall(r"^  (\S+) +(http://127\.0\.0\.1:\d+/metrics)$", printed, re.M))
+        names = {"gate", "node-1", "node-2", "dispatcher-1"}
+        assert set(public) == set(scraped) == names, printed
+        for name in names:
+            metrics = httpx.get(scraped[name], timeout=5)
+            assert metrics.status_code == 200, name
+            assert re.search(r"^pigeon_\w+ ", metrics.text, re.M), name
+            # The public port keeps its health check and shows no metrics.
+            assert httpx.get(f"{public[name]}/healthz", timeout=5).status_code == 200
+            assert httpx.get(f"{public[name]}/metrics", timeout=5).status_code == 404
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
     finally:
         kill_all(process)
 

@@ -294,6 +294,7 @@ async def _dispatcher_process(
             "PIGEON_ETCD_ENDPOINTS": etcd.endpoint,
             "PIGEON_PORT": str(port),
             "PIGEON_HTTP_PORT": str(http_port),
+            "PIGEON_METRICS_ADDRESS": "127.0.0.1:0",
         },
         port=port,
         http_port=http_port,

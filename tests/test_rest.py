@@ -754,7 +754,10 @@ async def sse_events(reply: httpx.Response) -> AsyncIterator[SseEvent]:
 
 async def metric(node: ServiceProcess, name: str) -> float:
     async with httpx.AsyncClient(timeout=WAIT) as http:
-        text = (await http.get(f"http://{node.http_address}/metrics")).text
+        reply = await http.get(node.metrics_url)
+    # A page that is not the metrics would read as zero for every name.
+    reply.raise_for_status()
+    text = reply.text
     pattern = re.compile(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.M)
     return sum(float(v) for v in pattern.findall(text))
 

@@ -28,6 +28,9 @@ SECRETS = {
     "PIGEON_CLUSTER_SECRET": "cluster secret of the test",
     "PIGEON_JWT_SECRET": "jwt secret of the start-up tests, 32+ bytes",
     "PIGEON_API_KEYS": "key of the test",
+    # Not a secret: ops listeners on free ports, so two services of a test (or of runs side by
+    # side) never clash on the default metrics ports.
+    "PIGEON_METRICS_ADDRESS": "127.0.0.1:0",
 }
 
 

@@ -88,6 +88,30 @@ def inbox_of(cluster: LocalCluster, user: str) -> list[str]:
     return [m["body"] for m in reply.json()["messages"]]
 
 
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/", 200),
+        ("/web/index.html", 200),
+        ("/web/app.js", 200),
+        ("/web/style.css", 200),
+        ("/web/no-such-file.js", 404),
+        ("/openapi.json", 200),
+    ],
+)
+def test_every_page_and_asset_carries_the_security_headers(
+    cluster: LocalCluster, path: str, status: int
+) -> None:
+    # A copy of the page under /web, framed by another site or sniffed into HTML, must be as
+    # locked down as the page at /.
+    reply = httpx.get(f"http://{cluster.gate.http_address}{path}", timeout=10)
+    assert reply.status_code == status
+    assert "frame-ancestors 'none'" in reply.headers.get("content-security-policy", "")
+    assert "default-src 'self'" in reply.headers["content-security-policy"]
+    assert reply.headers.get("x-content-type-options") == "nosniff"
+    assert reply.headers.get("referrer-policy") == "no-referrer"
+
+
 def test_messages_arrive_live_and_the_badge_follows_reads_and_deletes(
     cluster: LocalCluster,
 ) -> None:
