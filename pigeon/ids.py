@@ -90,10 +90,10 @@ def parse_source_scope(entry: str) -> tuple[str, frozenset[str]]:
     key_id, equals, listed = entry.partition("=")
     key_id = key_id.strip()
     if not equals or not KEY_ID_PATTERN.fullmatch(key_id):
-        # Only the part before "=" is shown: a key pasted in place of its id must not be logged.
+        # Nothing of the entry is repeated: it may be a key pasted in place of its id.
         raise ValueError(
-            f"{key_id[:12]!r}... is not KEYID=source1|source2 with KEYID an API key's id "
-            "(key- and 8 hex digits, as the services log it at start-up)"
+            "an entry is not KEYID=source1|source2 with KEYID an API key's id (key- and 8 hex "
+            "digits, as the services log it at start-up; never the key itself)"
         )
     sources = [source.strip() for source in listed.split("|")]
     for source in sources:
