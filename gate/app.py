@@ -33,14 +33,17 @@ GATE = gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name
 
 async def serve(config: GateConfig) -> int:
     """Run the Gate until SIGINT or SIGTERM."""
-    api_keys = ApiKeys(config.api_keys)
+    api_keys = ApiKeys(config.api_keys, config.api_key_sources)
 
     def system(token: str | None) -> Principal:
-        return Principal("system", api_keys.check(token))
+        key_id = api_keys.check(token)
+        return Principal("system", key_id, sources=api_keys.scope(key_id))
 
     # Settings first: a missing secret is said before etcd is asked anything.
     user_tokens = UserTokenVerifier.from_config(config)
     sessions = SessionTokens(config.cluster_secret, ttl=config.session_ttl)
+    # The ids are what api_key_sources names; said once the settings are known to be usable.
+    log.info("API keys: %s", api_keys.describe())
     channels = ChannelCache(channel_factory(config))
     async with ClusterView(
         config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout

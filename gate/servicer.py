@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -15,9 +16,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge
 
 from gate.placement import rank_nodes
-from pigeon.auth import ClusterSecret, SessionTokens, UserTokenVerifier, bearer_token
-from pigeon.errors import PigeonError, Unavailable, from_rpc_error
+from pigeon.auth import (
+    ClusterSecret,
+    SessionTokens,
+    UserClaims,
+    UserTokenVerifier,
+    bearer_token,
+    check_source,
+)
+from pigeon.errors import PigeonError, Unauthenticated, Unavailable, from_rpc_error
 from pigeon.ratelimit import RateLimiter
+from pigeon.server import current_principal
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
 
 __all__ = ["GateServicer", "track_view_size"]
@@ -116,6 +125,7 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         token = request.token or bearer_token(context.invocation_metadata())
         try:
             claims = self._user_tokens.verify(token)
+            session_ends = self._session_end(claims)
             if self._user_limit is not None:
                 self._user_limit.take(claims.user_id)
             ranked = self._ranked(claims.user_id)
@@ -124,14 +134,16 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             raise
         chosen = ranked[0]
         expires = Timestamp()
-        expires.FromNanoseconds(int((time.time() + self._session_ttl) * 1e9))
+        expires.FromSeconds(session_ends)
         CONNECTS.labels("ok").inc()
         PLACEMENTS.labels(chosen.node_id).inc()
         return gate_pb2.ConnectResponse(
             node_id=chosen.node_id,
             node_address=chosen.address,
             node_http_address=chosen.http_address,
-            session_token=self._sessions.issue(claims.user_id, chosen.node_id),
+            session_token=self._sessions.issue(
+                claims.user_id, chosen.node_id, expires_at=session_ends
+            ),
             session_expires_at=expires,
             fallbacks=[
                 gate_pb2.NodeAddress(
@@ -151,9 +163,35 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             user_id=claims.user_id,
         )
 
+    def _session_end(self, claims: UserClaims) -> int:
+        """When the session ends, Unix seconds: after the TTL, but never after the user token.
+
+        A token past its ``exp`` but inside the leeway is refused rather than given a session
+        that is over before it starts: the client is told plainly to get a fresh token.
+        """
+        now = time.time()
+        ends = now + self._session_ttl
+        if claims.expires_at is not None:
+            if claims.expires_at <= now:
+                raise Unauthenticated(
+                    f"token expired {now - claims.expires_at:.0f} s ago: a session cannot outlast "
+                    "its token, so get a fresh one from the site's backend",
+                    reason="TOKEN_EXPIRED",
+                )
+            ends = min(ends, claims.expires_at)
+        return math.floor(ends)
+
     async def Publish(
         self, request: gate_pb2.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> gate_pb2.PublishResponse:
+        # The nodes see the Gate's cluster secret, not the caller's key: its scope is checked here.
+        allowed = current_principal().sources
+        if allowed is not None:
+            if request.batch:
+                for i, publication in enumerate(request.batch):
+                    check_source(allowed, publication.source, field=f"batch[{i}].source")
+            else:
+                check_source(allowed, request.source)
         # The owner of the first recipient stores it, so that user's streams get it locally.
         ranked = self._ranked(_first_recipient(request))
         forwarded = node_pb2.NodePublishRequest.FromString(request.SerializeToString())

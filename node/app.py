@@ -53,7 +53,8 @@ def publishers(api_keys: ApiKeys, cluster: ClusterSecret) -> Authenticator:
         try:
             cluster.check(token)
         except PigeonError:
-            return Principal("system", api_keys.check(token))
+            key_id = api_keys.check(token)
+            return Principal("system", key_id, sources=api_keys.scope(key_id))
         return Principal("cluster", "gate")
 
     return publisher
@@ -122,8 +123,11 @@ def limits_of(config: NodeConfig) -> Limits:
 async def serve(config: NodeConfig) -> int:
     """Run a node until SIGINT or SIGTERM, then drain."""
     node_id = config.node_id or f"node-{secrets.token_hex(4)}"
-    publisher = publishers(ApiKeys(config.api_keys), ClusterSecret(config.cluster_secret))
+    api_keys = ApiKeys(config.api_keys, config.api_key_sources)
+    publisher = publishers(api_keys, ClusterSecret(config.cluster_secret))
     sessions = SessionTokens(config.cluster_secret)
+    # The ids are what api_key_sources names; said once the settings are known to be usable.
+    log.info("API keys: %s", api_keys.describe())
 
     def user(token: str | None) -> Principal:
         claims = sessions.verify(token)

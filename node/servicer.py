@@ -11,6 +11,7 @@ from node.convert import to_proto
 from node.core import NodeCore
 from node.store.base import Kind, ReadFilter
 from node.validate import Limits, Outgoing, check_batch, check_outgoing
+from pigeon.auth import check_source
 from pigeon.errors import InvalidArgument
 from pigeon.server import current_principal
 from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
@@ -51,7 +52,16 @@ class NodeServicer(node_pb2_grpc.NodeServicer):
     async def Publish(
         self, request: node_pb2.NodePublishRequest, context: Context
     ) -> node_pb2.NodePublishResponse:
-        stored = await self._core.publish(messages_of(self._core.limits, request))
+        messages = messages_of(self._core.limits, request)
+        # A Gate (cluster secret) checked its caller's scope; an API key called us directly.
+        allowed = current_principal().sources
+        if allowed is not None:
+            many = len(request.batch) > 0
+            for i, message in enumerate(messages):
+                check_source(
+                    allowed, message.source, field=f"batch[{i}].source" if many else "source"
+                )
+        stored = await self._core.publish(messages)
         reply = node_pb2.NodePublishResponse(
             message_id=stored[0].id, message_ids=[s.id for s in stored]
         )

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pigeon.errors import InvalidArgument
+from pigeon.ids import MAX_NAME_LENGTH, name_problem
 
 __all__ = ["MAX_SEQ", "Limits", "Outgoing", "decode_page_token", "encode_page_token"]
 
-MAX_ID_LENGTH = 128
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
+MAX_ID_LENGTH = MAX_NAME_LENGTH
 # Stores keep seqs as signed 64-bit integers; anything larger cannot name a real message.
 MAX_SEQ = 2**63 - 1
 
@@ -51,11 +50,12 @@ def _size(text: str) -> int:
 
 def _fine_id(value: str) -> bool:
     """check_id's test without building an error."""
-    return bool(value) and len(value) <= MAX_ID_LENGTH and not _CONTROL.search(value)
+    return bool(value) and len(value) <= MAX_ID_LENGTH and name_problem(value) is None
 
 
 def check_id(value: str, what: str) -> str:
-    """A user id, message id or source name: 1 to 128 characters, no control characters."""
+    """A user id, message id or source name: 1 to 128 characters, none of them invisible (see
+    :func:`pigeon.ids.name_problem`)."""
     if not value:
         raise InvalidArgument(f"{what} must not be empty", reason="EMPTY_ID", field=what)
     if len(value) > MAX_ID_LENGTH:
@@ -64,8 +64,14 @@ def check_id(value: str, what: str) -> str:
             reason="ID_TOO_LONG",
             field=what,
         )
-    if _CONTROL.search(value):
-        raise InvalidArgument(f"{what} contains control characters", reason="BAD_ID", field=what)
+    problem = name_problem(value)
+    if problem is not None:
+        raise InvalidArgument(
+            f"{what} {problem}: ids may not hold control characters, invisible format characters "
+            "or separators, nor start or end with a space",
+            reason="BAD_ID",
+            field=what,
+        )
     return value
 
 

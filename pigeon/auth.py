@@ -15,9 +15,12 @@ whose ``reason`` tells programs which case it is. Constructors given unusable se
 request.
 """
 
+import base64
+import binascii
 import hashlib
 import hmac
-import re
+import json
+import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,8 +35,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from pigeon.config import JWT_ALGORITHMS, GateConfig
 from pigeon.errors import ConfigError, PermissionDenied, Unauthenticated
+from pigeon.ids import MAX_NAME_LENGTH, name_problem, parse_source_scope
 
 __all__ = [
+    "MAX_NUMERIC_DATE",
+    "MAX_TOKEN_BYTES",
     "MAX_USER_ID_LENGTH",
     "SESSION_AUDIENCE",
     "SESSION_ISSUER",
@@ -44,11 +50,20 @@ __all__ = [
     "UserClaims",
     "UserTokenVerifier",
     "bearer_token",
+    "check_source",
     "mint_user_token",
 ]
 
-MAX_USER_ID_LENGTH = 128
+MAX_USER_ID_LENGTH = MAX_NAME_LENGTH
 """Longest user id (``sub``) accepted."""
+
+MAX_TOKEN_BYTES = 8192
+"""Longest user or session token accepted, checked before any of it is decoded. Real tokens are
+well under 2 KB; 8 KiB is also what most HTTP servers take in one header."""
+
+MAX_NUMERIC_DATE = 253402300799
+"""Latest ``exp``/``nbf``/``iat`` accepted: 9999-12-31T23:59:59Z, the last second a protobuf
+Timestamp holds (the Gate hands the session's end to clients as one)."""
 
 SESSION_AUDIENCE = "pigeon-session"
 """``aud`` of session tokens; user tokens must never carry it."""
@@ -201,11 +216,94 @@ def _decode(
     return payload
 
 
-def _header_algorithm(token: str, what: str) -> str:
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError as exc:
-        raise _fail(f"malformed {what}: {exc}", "TOKEN_MALFORMED") from exc
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: RFC 7519 §4 lets a parser refuse duplicate claim names, and
+    a token whose ``sub`` means one user to this parser and another to the next must be refused."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _unverified_parts(token: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and payload of a compact JWS, checked for size and duplicate keys before PyJWT
+    (which keeps the last of duplicates) sees them.
+
+    Raises:
+        Unauthenticated: ``TOKEN_TOO_LARGE``, or ``TOKEN_MALFORMED``.
+    """
+    if len(token) > MAX_TOKEN_BYTES:
+        raise _fail(
+            f"{what} is {len(token)} characters long; the limit is {MAX_TOKEN_BYTES}",
+            "TOKEN_TOO_LARGE",
+            limit=str(MAX_TOKEN_BYTES),
+        )
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise _fail(
+            f"malformed {what}: expected header.payload.signature, got {len(segments)} part(s)",
+            "TOKEN_MALFORMED",
+        )
+    parts: list[dict[str, Any]] = []
+    for name, segment in zip(("header", "payload"), segments[:2], strict=True):
+        try:
+            raw = base64.urlsafe_b64decode(segment.encode("ascii") + b"=" * (-len(segment) % 4))
+            value = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as exc:
+            raise _fail(
+                f"malformed {what}: the {name} has the key {exc.key[:40]!r} more than once",
+                "TOKEN_MALFORMED",
+            ) from None
+        except (UnicodeError, binascii.Error, ValueError, RecursionError) as exc:
+            raise _fail(
+                f"malformed {what}: the {name} is not base64url-encoded JSON", "TOKEN_MALFORMED"
+            ) from exc
+        if not isinstance(value, dict):
+            raise _fail(f"malformed {what}: the {name} is not a JSON object", "TOKEN_MALFORMED")
+        parts.append(value)
+    return parts[0], parts[1]
+
+
+def _check_times(payload: Mapping[str, Any], what: str) -> None:
+    """``exp``, ``nbf`` and ``iat`` must be JSON numbers of seconds in a sane range: PyJWT takes
+    ``"exp": "9999999999"`` (it calls int() on it) and ``1e30``."""
+    for claim in ("exp", "nbf", "iat"):
+        if claim not in payload:
+            continue
+        value = payload[claim]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            got = "a string" if isinstance(value, str) else f"a JSON {_json_type(value)}"
+        elif not math.isfinite(value) or not 0 <= value <= MAX_NUMERIC_DATE:
+            got = f"{value:g}"
+        else:
+            continue
+        raise _fail(
+            f"malformed {what}: the {claim} claim must be a JSON number of seconds since "
+            f"1970 (0 to {MAX_NUMERIC_DATE}), got {got}",
+            "TOKEN_MALFORMED",
+            claim=claim,
+        )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, dict):
+        return "object"
+    return "array" if isinstance(value, list) else type(value).__name__
+
+
+def _header_algorithm(header: Mapping[str, Any], what: str) -> str:
     algorithm = header.get("alg")
     if not isinstance(algorithm, str) or not algorithm:
         raise _fail(f"malformed {what}: no alg in header", "TOKEN_MALFORMED")
@@ -214,23 +312,22 @@ def _header_algorithm(token: str, what: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() else "?" for c in algorithm[:32])
 
 
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _check_subject(payload: Mapping[str, Any], what: str) -> str:
     subject = payload.get("sub")
     if subject is None or subject == "":
         raise _fail(f"{what} has no sub claim", "TOKEN_NO_SUBJECT")
-    if (
-        not isinstance(subject, str)
-        or len(subject) > MAX_USER_ID_LENGTH
-        or _CONTROL_CHARACTERS.search(subject)
-    ):
-        # Control characters too: nobody could address such a user (recipients may have none),
-        # and a newline in an id would forge lines in the logs.
+    if not isinstance(subject, str) or len(subject) > MAX_USER_ID_LENGTH:
         raise _fail(
-            f"{what} sub claim must be a string of 1 to {MAX_USER_ID_LENGTH} characters, "
-            "none of them control characters",
+            f"{what} sub claim must be a string of 1 to {MAX_USER_ID_LENGTH} characters",
+            "TOKEN_BAD_SUBJECT",
+        )
+    # The rule recipients follow (nobody could address such a user otherwise): no invisible or
+    # look-alike characters, which would make "ali\u200bce" another user shown as "alice".
+    problem = name_problem(subject)
+    if problem is not None:
+        raise _fail(
+            f"{what} sub claim {problem}: user ids may not hold control characters, invisible "
+            "format characters or separators, nor start or end with a space",
             "TOKEN_BAD_SUBJECT",
         )
     return subject
@@ -265,7 +362,10 @@ class UserTokenVerifier:
     no ``nbf``/``iat`` in the future (both give or take ``leeway``), its ``aud`` and ``iss`` match
     when configured (with no audience configured, a token carrying ``aud`` is refused, as RFC 7519
     §4.1.3 requires; that also keeps session tokens out), and its ``sub`` is a user id of 1 to 128
-    characters.
+    characters (see :func:`pigeon.ids.name_problem`). Before any of that, the token must be at
+    most :data:`MAX_TOKEN_BYTES` long, its header and payload JSON objects without a key given
+    twice, and its ``exp``/``nbf``/``iat`` JSON numbers; after it, its lifetime (``exp - iat``, or
+    ``exp`` minus now without ``iat``) must not exceed ``max_lifetime``.
 
     Example:
         .. code-block:: python
@@ -283,6 +383,7 @@ class UserTokenVerifier:
         audience: str = "",
         issuer: str = "",
         leeway: float = 10.0,
+        max_lifetime: float = 86400.0,
     ) -> None:
         """Set up the verifier.
 
@@ -297,11 +398,12 @@ class UserTokenVerifier:
             audience: Required ``aud``; empty means tokens must not carry one.
             issuer: Required ``iss``; empty means not checked.
             leeway: Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+            max_lifetime: Longest lifetime of a token accepted, seconds; 0 accepts any.
 
         Raises:
             ConfigError: An unknown algorithm, a key that is not a usable public key, public keys
                 with no public-key algorithm allowed, a public-key algorithm with no key, a PEM
-                key given as the HMAC secret, or a negative leeway.
+                key given as the HMAC secret, or a negative leeway or lifetime.
         """
         self._algorithms = frozenset(self._check_algorithms(algorithms))
         self._public_keys = [_load_public_key(pem, i) for i, pem in enumerate(public_keys)]
@@ -326,6 +428,12 @@ class UserTokenVerifier:
                 raise ConfigError(f"jwt_secret is unusable: {exc}", key="jwt_secret") from exc
         if leeway < 0:
             raise ConfigError(f"jwt_leeway must be at least 0, got {leeway:g}", key="jwt_leeway")
+        if max_lifetime < 0:
+            raise ConfigError(
+                f"jwt_max_lifetime must be at least 0, got {max_lifetime:g}",
+                key="jwt_max_lifetime",
+            )
+        self._max_lifetime = max_lifetime
         self._secret = secret
         self._audience = audience or None
         self._issuer = issuer or None
@@ -361,6 +469,7 @@ class UserTokenVerifier:
             audience=config.jwt_audience,
             issuer=config.jwt_issuer,
             leeway=config.jwt_leeway,
+            max_lifetime=config.jwt_max_lifetime,
         )
         if not any(verifier._keys_for(algorithm) for algorithm in verifier._algorithms):
             # Every Connect would be refused: a Gate that cannot let anyone in is a mistake.
@@ -414,14 +523,16 @@ class UserTokenVerifier:
             The user id, expiry and claims.
 
         Raises:
-            Unauthenticated: With reason ``TOKEN_MISSING``, ``TOKEN_MALFORMED``,
-                ``TOKEN_BAD_ALGORITHM``, ``TOKEN_BAD_SIGNATURE``, ``TOKEN_EXPIRED``,
-                ``TOKEN_NOT_YET_VALID``, ``TOKEN_NO_EXPIRY``, ``TOKEN_BAD_AUDIENCE``,
-                ``TOKEN_BAD_ISSUER``, ``TOKEN_NO_SUBJECT`` or ``TOKEN_BAD_SUBJECT``.
+            Unauthenticated: With reason ``TOKEN_MISSING``, ``TOKEN_TOO_LARGE``,
+                ``TOKEN_MALFORMED``, ``TOKEN_BAD_ALGORITHM``, ``TOKEN_BAD_SIGNATURE``,
+                ``TOKEN_EXPIRED``, ``TOKEN_NOT_YET_VALID``, ``TOKEN_NO_EXPIRY``,
+                ``TOKEN_BAD_AUDIENCE``, ``TOKEN_BAD_ISSUER``, ``TOKEN_NO_SUBJECT``,
+                ``TOKEN_BAD_SUBJECT`` or ``TOKEN_LIFETIME_TOO_LONG``.
         """
         if not token:
             raise _fail("missing token", "TOKEN_MISSING")
-        algorithm = _header_algorithm(token, "token")
+        header, unverified = _unverified_parts(token, "token")
+        algorithm = _header_algorithm(header, "token")
         # Checked before any key is touched: this is what stops "alg": "none" and HS256 tokens
         # "signed" with a public key (algorithm confusion).
         if algorithm not in self._algorithms:
@@ -432,6 +543,7 @@ class UserTokenVerifier:
                 f"algorithm {algorithm} not allowed: no key for it is configured",
                 "TOKEN_BAD_ALGORITHM",
             )
+        _check_times(unverified, "token")
         for key in keys:
             try:
                 payload = _decode(
@@ -447,8 +559,28 @@ class UserTokenVerifier:
             except jwt.InvalidSignatureError:
                 continue
             user_id = _check_subject(payload, "token")
+            self._check_lifetime(payload)
             return UserClaims(user_id=user_id, expires_at=float(payload["exp"]), claims=payload)
         raise _fail("invalid signature", "TOKEN_BAD_SIGNATURE")
+
+    def _check_lifetime(self, payload: Mapping[str, Any]) -> None:
+        # A leaked token is good until its exp: a backend that signs tokens for years (or by
+        # mistake for 1e30 s) should hear about it on the first Connect, not after a leak.
+        if not self._max_lifetime:
+            return
+        exp = float(payload["exp"])
+        if "iat" in payload:
+            lifetime, since, slack = exp - float(payload["iat"]), "exp - iat", 0.0
+        else:
+            # Without iat only what is left can be measured; the leeway covers clock skew.
+            lifetime, since, slack = exp - time.time(), "exp - now, as it has no iat", self._leeway
+        if lifetime > self._max_lifetime + slack:
+            raise _fail(
+                f"token lifetime is {lifetime:.0f} s ({since}); this Gate accepts at most "
+                f"{self._max_lifetime:g} s (jwt_max_lifetime): sign shorter-lived tokens",
+                "TOKEN_LIFETIME_TOO_LONG",
+                limit=f"{self._max_lifetime:g}",
+            )
 
 
 def mint_user_token(
@@ -520,22 +652,26 @@ class SessionTokens:
         # and an entry counts only until its token expires.
         self._verified: dict[str, SessionClaims] = {}
 
-    def issue(self, user_id: str, node_id: str) -> str:
+    def issue(self, user_id: str, node_id: str, *, expires_at: float | None = None) -> str:
         """Issue a session token.
 
         Args:
             user_id: The authenticated user.
             node_id: The node the user is placed on.
+            expires_at: Unix seconds the session must end by (the user token's ``exp``): the
+                token expires then if that is sooner than the TTL.
 
         Returns:
             The encoded token.
         """
         now = time.time()
+        ends = now + self._ttl if expires_at is None else min(now + self._ttl, expires_at)
         payload = {
             "sub": user_id,
             "node": node_id,
             "iat": int(now),
-            "exp": int(now + self._ttl),
+            # Rounded down: a session may end a fraction of a second early, never late.
+            "exp": math.floor(ends),
             "jti": secrets.token_urlsafe(12),
             "aud": SESSION_AUDIENCE,
             "iss": SESSION_ISSUER,
@@ -574,9 +710,11 @@ class SessionTokens:
         what = "session token"
         if not token:
             raise _fail(f"missing {what}", "TOKEN_MISSING")
-        algorithm = _header_algorithm(token, what)
+        header, unverified = _unverified_parts(token, what)
+        algorithm = _header_algorithm(header, what)
         if algorithm != "HS256":
             raise _fail(f"algorithm {algorithm} not allowed", "TOKEN_BAD_ALGORITHM")
+        _check_times(unverified, what)
         try:
             payload = _decode(
                 token,
@@ -604,6 +742,9 @@ def _digest(value: str) -> bytes:
 
 def _looks_like_jwt(token: str) -> bool:
     """Whether a string parses as a JWT (header.payload.signature with a JSON header)."""
+    if len(token) > MAX_TOKEN_BYTES:
+        # Only for a clearer error: a wrong key is not worth decoding kilobytes of.
+        return False
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError:
@@ -612,32 +753,89 @@ def _looks_like_jwt(token: str) -> bool:
 
 
 class ApiKeys:
-    """The API keys that system senders and operators present.
+    """The API keys that system senders and operators present, and the sources each may act for.
+
+    A key with no scope may publish as any source (operators, a backend that speaks for all);
+    a scoped key only as the sources of its scope (see :func:`check_source`).
 
     Example:
         .. code-block:: python
 
-            key_id = ApiKeys(config.api_keys).check(bearer_token(context.invocation_metadata()))
+            keys = ApiKeys(config.api_keys, config.api_key_sources)
+            key_id = keys.check(bearer_token(context.invocation_metadata()))
+            sources = keys.scope(key_id)
     """
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        """Remember the accepted keys.
+    def __init__(self, keys: Iterable[str], sources: Iterable[str] = ()) -> None:
+        """Remember the accepted keys and their scopes.
 
         Args:
             keys: Accepted keys; empty strings (a stray comma in the config) are ignored.
+            sources: Scopes, ``KEYID=source1|source2`` each (``api_key_sources``), where KEYID is
+                the :meth:`key_id` of one of ``keys``.
+
+        Raises:
+            ConfigError: A scope is malformed, names a key id twice, or names a key that is not
+                one of ``keys`` (key ``api_key_sources``).
         """
         unique = dict.fromkeys(key for key in keys if key)
-        self._keys = [(_digest(key), self._key_id(key)) for key in unique]
+        self._keys = [(_digest(key), self.key_id(key)) for key in unique]
+        known = [key_id for _, key_id in self._keys]
+        self._scopes: dict[str, frozenset[str]] = {}
+        for entry in sources:
+            try:
+                key_id, allowed = parse_source_scope(entry)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"bad value for api_key_sources: {exc}", key="api_key_sources"
+                ) from None
+            if key_id in self._scopes:
+                raise ConfigError(
+                    f"api_key_sources names {key_id} twice: list all of its sources in one "
+                    "entry, separated by |",
+                    key="api_key_sources",
+                )
+            if key_id not in known:
+                configured = ", ".join(known) or "none"
+                raise ConfigError(
+                    f"api_key_sources names {key_id}, which is not the id of any of api_keys "
+                    f"(PIGEON_API_KEYS); their ids are: {configured}",
+                    key="api_key_sources",
+                )
+            self._scopes[key_id] = allowed
 
     @staticmethod
-    def _key_id(key: str) -> str:
-        # A stable name for logs and metrics that reveals nothing of the key and survives
-        # reordering the configured list.
+    def key_id(key: str) -> str:
+        """The id of a key: ``key-`` and 8 hex digits of a hash of it.
+
+        A stable name for logs, metrics and ``api_key_sources`` that reveals nothing of the key
+        and survives reordering the configured list.
+        """
         return "key-" + hashlib.sha256(b"pigeon api key id:" + key.encode()).hexdigest()[:8]
 
     def __len__(self) -> int:
         """Number of distinct configured keys."""
         return len(self._keys)
+
+    def scope(self, key_id: str) -> frozenset[str] | None:
+        """The sources a key may publish as, or ``None`` when it may publish as any.
+
+        Args:
+            key_id: An id returned by :meth:`check`.
+        """
+        return self._scopes.get(key_id)
+
+    def describe(self) -> str:
+        """The configured keys by id with their scopes, for the start-up log (no secrets)."""
+        described = []
+        for _, key_id in self._keys:
+            allowed = self._scopes.get(key_id)
+            described.append(
+                f"{key_id} (any source)"
+                if allowed is None
+                else f"{key_id} (sources {', '.join(sorted(allowed))})"
+            )
+        return ", ".join(described) or "none"
 
     def check(self, token: str | None) -> str:
         """Check a presented key.
@@ -673,6 +871,37 @@ class ApiKeys:
                 )
             raise _fail("invalid API key", "API_KEY_INVALID")
         return found
+
+
+def check_source(allowed: frozenset[str] | None, source: str, *, field: str = "source") -> None:
+    """Refuse a publish as a source the caller's API key is not scoped to.
+
+    Args:
+        allowed: The caller's scope (:meth:`ApiKeys.scope`); ``None`` allows every source.
+        source: The ``source`` of the publish (or of one message of its batch); empty means the
+            generic sender ``system``, which a scoped key may not use either.
+        field: The field's name in errors, e.g. ``batch[2].source``.
+
+    Raises:
+        PermissionDenied: ``SOURCE_NOT_ALLOWED``, naming the source and the allowed ones.
+    """
+    if allowed is None or source in allowed:
+        return
+    listed = ", ".join(sorted(allowed))
+    if not source:
+        raise PermissionDenied(
+            f"{field} is empty, and this API key may only publish as {listed}: set {field} to "
+            "one of them",
+            reason="SOURCE_NOT_ALLOWED",
+            field=field,
+        )
+    raise PermissionDenied(
+        f"this API key may not publish as source {source[:MAX_NAME_LENGTH]!r}, only as {listed} "
+        "(api_key_sources)",
+        reason="SOURCE_NOT_ALLOWED",
+        field=field,
+        source=source[:MAX_NAME_LENGTH],
+    )
 
 
 class ClusterSecret:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from pigeon.errors import ConfigError
+from pigeon.ids import parse_source_scope
 
 # The parser the etcd client itself uses: an endpoint passes here exactly when it can be dialled.
 from pigeon.registry import parse_endpoint
@@ -133,6 +134,14 @@ def _check_network(value: str) -> str | None:
         ipaddress.ip_network(value.strip(), strict=False)
     except ValueError:
         return f"{value!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+    return None
+
+
+def _check_source_scope(value: str) -> str | None:
+    try:
+        parse_source_scope(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -406,6 +415,15 @@ class CommonConfig:
             maximum=1_000_000,
         ),
     )
+    api_key_sources: list[str] = field(
+        default_factory=list,
+        metadata=_rules(
+            "sources API keys may publish as, comma-separated entries KEYID=source1|source2 "
+            "where KEYID is the key's id (key-xxxxxxxx, logged at start-up); a key without an "
+            "entry may publish as any source",
+            check=_check_source_scope,
+        ),
+    )
 
     def __post_init__(self) -> None:
         """Check every value and the rules that span fields.
@@ -514,6 +532,14 @@ class GateConfig(CommonConfig):
     )
     fallback_nodes: int = field(
         default=2, metadata=_rules("fallback nodes returned with each placement", minimum=0)
+    )
+    jwt_max_lifetime: int = field(
+        default=86400,
+        metadata=_rules(
+            "longest lifetime of a user token accepted (exp - iat, or exp - now without iat), "
+            "seconds; 0 accepts any",
+            minimum=0,
+        ),
     )
 
 

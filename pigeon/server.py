@@ -85,6 +85,8 @@ class Principal:
     # When the credential stops being accepted (Unix seconds; None: it does not expire). A
     # stream opened with it ends then.
     expires_at: float | None = None
+    # The sources a system caller's API key may publish as (None: any); see pigeon.auth.ApiKeys.
+    sources: frozenset[str] | None = None
 
 
 Authenticator = Callable[[str | None], Principal]

@@ -22,10 +22,12 @@ from pigeon.auth import (
     SessionTokens,
     UserTokenVerifier,
     bearer_token,
+    check_source,
     mint_user_token,
 )
 from pigeon.config import GateConfig
-from pigeon.errors import ConfigError, Unauthenticated
+from pigeon.errors import ConfigError, PermissionDenied, Unauthenticated
+from pigeon.ids import name_problem
 
 pytestmark = pytest.mark.unit
 
@@ -405,6 +407,23 @@ def test_missing_or_malformed_session_token_is_rejected(token, reason):
     assert rejected(SessionTokens("cluster-secret").verify, token).reason == reason
 
 
+def test_session_token_ends_by_the_expiry_it_is_given():
+    sessions = SessionTokens("cluster-secret", ttl=900)
+    ends = time.time() + 30.7
+    claims = sessions.verify(sessions.issue("alice", "node-1", expires_at=ends))
+    # Rounded down: never later than asked.
+    assert claims.expires_at == int(ends)
+    later = sessions.verify(sessions.issue("alice", "node-1", expires_at=time.time() + 10**6))
+    assert later.expires_at == pytest.approx(time.time() + 900, abs=5)
+
+
+def test_session_token_with_a_string_exp_is_malformed():
+    sessions = SessionTokens("cluster-secret")
+    claims = {"sub": "a", "node": "n", "exp": str(int(time.time()) + 60)}
+    token = jwt.encode({**claims, "aud": "pigeon-session", "iss": "pigeon-gate"}, sessions._key)
+    assert rejected(sessions.verify, token).reason == "TOKEN_MALFORMED"
+
+
 def test_session_tokens_need_a_secret():
     with pytest.raises(ConfigError) as info:
         SessionTokens("")
@@ -457,3 +476,82 @@ def test_empty_cluster_secret_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         ClusterSecret("")
     assert info.value.key == "cluster_secret"
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("ali\u200bce", "U+200B"),
+        ("al\u0085ice", "U+0085"),
+        ("al\u2028ice", "U+2028"),
+        ("al\u2029ice", "U+2029"),
+        ("ecila\u202e", "U+202E"),
+        ("ali\u00a0ce", "U+00A0"),
+        ("ali\u3000ce", "U+3000"),
+        ("bob\x00", "U+0000"),
+        (" alice", "space"),
+        ("alice ", "space"),
+    ],
+)
+def test_names_with_invisible_or_look_alike_characters_are_refused(name, says):
+    problem = name_problem(name)
+    assert problem is not None and says in problem
+
+
+@pytest.mark.parametrize("name", ["alice", "mary ann", "Zoë", "用户", "shop-42", "a😀", "\ue000"])
+def test_ordinary_names_pass(name):
+    assert name_problem(name) is None
+
+
+# --- API key scopes ------------------------------------------------------------------------------
+
+
+def test_a_scoped_key_has_its_sources_and_others_have_none():
+    shop_id = ApiKeys.key_id("shop key")
+    keys = ApiKeys(["ops key", "shop key"], [f"{shop_id}=shop|billing"])
+    assert keys.scope(keys.check("shop key")) == frozenset({"shop", "billing"})
+    assert keys.scope(keys.check("ops key")) is None
+    assert "(sources billing, shop)" in keys.describe() and "(any source)" in keys.describe()
+    assert "shop key" not in keys.describe()
+
+
+@pytest.mark.parametrize(
+    ("entries", "says"),
+    [
+        (["key-00000000=shop"], "not the id of any of api_keys"),
+        (["{id}=shop", "{id}=billing"], "twice"),
+        (["{id}"], "KEYID=source1|source2"),
+        (["{id}=shop||billing"], "1 to 128"),
+        (["{id}=sh\u200bop"], "U+200B"),
+        (["the shop key itself=shop"], "KEYID"),
+    ],
+)
+def test_bad_key_scopes_are_config_errors_that_never_show_a_key(entries, says):
+    shop_id = ApiKeys.key_id("the shop key itself")
+    with pytest.raises(ConfigError) as info:
+        ApiKeys(["the shop key itself"], [e.format(id=shop_id) for e in entries])
+    assert info.value.key == "api_key_sources" and says in info.value.message
+    assert "the shop" not in info.value.message
+
+
+def test_a_scope_refuses_other_sources_and_no_source():
+    check_source(None, "anything")
+    check_source(frozenset({"shop"}), "shop")
+    for source in ("crm", ""):
+        with pytest.raises(PermissionDenied) as info:
+            check_source(frozenset({"shop"}), source, field="batch[1].source")
+        assert info.value.reason == "SOURCE_NOT_ALLOWED"
+    assert "batch[1].source" in info.value.message
+
+
+def test_jwt_max_lifetime_is_a_gate_setting_that_zero_turns_off():
+    token = mint_user_token(SECRET, "alice", ttl=10 * 86400)
+    assert rejected(UserTokenVerifier(secret=SECRET).verify, token).reason == (
+        "TOKEN_LIFETIME_TOO_LONG"
+    )
+    assert UserTokenVerifier(secret=SECRET, max_lifetime=0).verify(token).user_id == "alice"
+    config = GateConfig(jwt_secret=SECRET, cluster_secret="c", jwt_max_lifetime=0)
+    assert UserTokenVerifier.from_config(config).verify(token).user_id == "alice"
