@@ -11,7 +11,13 @@ from dispatcher.servicer import DispatcherServicer
 from pigeon import __version__
 from pigeon.auth import ClusterSecret
 from pigeon.config import DispatcherConfig
-from pigeon.membership import ClusterView, dispatcher_key, now_timestamp, registered
+from pigeon.membership import (
+    ClusterView,
+    dispatcher_key,
+    etcd_credentials,
+    now_timestamp,
+    registered,
+)
 from pigeon.server import Principal, Service
 from pigeon.service import listen, run_service, wait_for_stop
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
@@ -46,6 +52,7 @@ async def serve(config: DispatcherConfig) -> int:
             config.etcd_endpoints,
             config.etcd_prefix,
             timeout=config.etcd_timeout,
+            credentials=etcd_credentials(config),
             on_node_left=router.node_left,
             on_node_joined=router.node_joined,
         ),

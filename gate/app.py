@@ -9,7 +9,7 @@ import sys
 from gate.servicer import GateServicer, track_view_size
 from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens, UserTokenVerifier
 from pigeon.config import GateConfig
-from pigeon.membership import ClusterView
+from pigeon.membership import ClusterView, etcd_credentials
 from pigeon.ratelimit import RateLimiter
 from pigeon.rest import RestGateway, default_web_root
 from pigeon.runtime import cancel_and_wait
@@ -46,7 +46,10 @@ async def serve(config: GateConfig) -> int:
     log.info("API keys: %s", api_keys.describe())
     channels = ChannelCache(channel_factory(config))
     async with ClusterView(
-        config.etcd_endpoints, config.etcd_prefix, timeout=config.etcd_timeout
+        config.etcd_endpoints,
+        config.etcd_prefix,
+        timeout=config.etcd_timeout,
+        credentials=etcd_credentials(config),
     ) as view:
         track_view_size(lambda: view.nodes.values())
         servicer = GateServicer(

@@ -20,7 +20,13 @@ from pigeon import __version__
 from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens
 from pigeon.config import NodeConfig
 from pigeon.errors import ConfigError, PigeonError
-from pigeon.membership import ClusterView, node_key, now_timestamp, registered
+from pigeon.membership import (
+    ClusterView,
+    etcd_credentials,
+    node_key,
+    now_timestamp,
+    registered,
+)
 from pigeon.registry import RegistryConflictError, RegistryUnavailableError
 from pigeon.rest import RestGateway
 from pigeon.server import Authenticator, Principal, Service
@@ -151,6 +157,7 @@ async def serve(config: NodeConfig) -> int:
                 config.etcd_endpoints,
                 config.etcd_prefix,
                 timeout=config.etcd_timeout,
+                credentials=etcd_credentials(config),
                 # A node that stopped may have stored messages it never relayed (it died
                 # between the two): the streams here check the store for their users.
                 on_node_left=lambda left: core.resync() if left != node_id else None,

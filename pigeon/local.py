@@ -197,7 +197,9 @@ class LocalCluster:
 
     Use as a context manager, or call start() and stop(). Everything started is stopped on exit,
     also when start-up fails half-way. With ``stop_with_parent`` (a launcher that starts it from
-    its main thread) etcd also stops when this process is killed outright.
+    its main thread) etcd also stops when this process is killed outright. ``etcd`` is an etcd
+    to use instead of a new one (one with TLS and authentication, say; its credentials then go in
+    ``env``); it is stopped with the cluster all the same.
     """
 
     def __init__(
@@ -212,13 +214,14 @@ class LocalCluster:
         node_env: Mapping[str, str] | None = None,
         dispatcher_env: Mapping[str, str] | None = None,
         stop_with_parent: bool = False,
+        etcd: EtcdServer | None = None,
     ) -> None:
         self.data_dir = data_dir
         base_env = dict(os.environ if env is None else env)
         self.secrets = ClusterSecrets.load(data_dir, base_env)
         # A launcher killed outright (SIGKILL) leaves no etcd behind: the services watch their
         # parent themselves (PIGEON_PARENT_PID); etcd is told by the kernel.
-        self.etcd = EtcdServer(data_dir / "etcd", stop_with_parent=stop_with_parent)
+        self.etcd = etcd or EtcdServer(data_dir / "etcd", stop_with_parent=stop_with_parent)
         self._env = {
             **base_env,
             "PIGEON_JWT_SECRET": self.secrets.jwt_secret,
@@ -307,7 +310,8 @@ class LocalCluster:
         could land between a fork and the note of its child, which would then be left running).
         """
         try:
-            self.etcd.start(timeout=timeout, cancelled=cancelled)
+            if not self.etcd.running:  # one given to the constructor may be started already
+                self.etcd.start(timeout=timeout, cancelled=cancelled)
             # Dispatchers first: a node that starts before any dispatcher is registered
             # serves alone until it finds one.
             for service in self.dispatchers:

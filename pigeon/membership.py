@@ -13,7 +13,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from pigeon.config import CommonConfig
-from pigeon.registry import PrefixWatch, Registration
+from pigeon.registry import EtcdCredentials, PrefixWatch, Registration
 from pigeon.runtime import cancel_and_wait
 from pigeon.v1 import types_pb2
 
@@ -23,6 +23,7 @@ __all__ = [
     "decode_node",
     "dispatcher_key",
     "encode",
+    "etcd_credentials",
     "node_key",
     "now_timestamp",
     "registered",
@@ -60,6 +61,17 @@ def decode_dispatcher(raw: bytes) -> types_pb2.DispatcherInfo | None:
         return None
 
 
+def etcd_credentials(config: CommonConfig) -> EtcdCredentials:
+    """The TLS files and etcd user/password of a process's etcd clients, from its settings."""
+    return EtcdCredentials(
+        ca=config.etcd_ca,
+        cert=config.etcd_cert,
+        key=config.etcd_key,
+        user=config.etcd_user,
+        password=config.etcd_password,
+    )
+
+
 def now_timestamp() -> Timestamp:
     """The current time as a protobuf Timestamp."""
     stamp = Timestamp()
@@ -73,7 +85,8 @@ class ClusterView:
     Use as an async context manager; ``nodes`` and ``dispatchers`` are dicts by id, current as of
     the last etcd event (and kept while etcd is unreachable). ``on_node_left`` is called with the
     id of a node whose key went away (it stopped, or its lease ran out), ``on_node_joined`` with
-    that of a node whose key appeared.
+    that of a node whose key appeared. ``credentials`` are the etcd client's TLS files and
+    user/password (:func:`etcd_credentials` makes them from a process's settings).
     """
 
     def __init__(
@@ -84,13 +97,16 @@ class ClusterView:
         timeout: float = 2.0,
         on_node_left: Callable[[str], None] | None = None,
         on_node_joined: Callable[[str], None] | None = None,
+        credentials: EtcdCredentials | None = None,
     ) -> None:
         self._prefix = prefix
         self._on_node_left = on_node_left
         self._on_node_joined = on_node_joined
         self.nodes: dict[str, types_pb2.NodeInfo] = {}
         self.dispatchers: dict[str, types_pb2.DispatcherInfo] = {}
-        self.watch = PrefixWatch(endpoints, prefix, timeout=timeout, on_change=self._changed)
+        self.watch = PrefixWatch(
+            endpoints, prefix, timeout=timeout, on_change=self._changed, credentials=credentials
+        )
 
     def _changed(self, key: str, value: bytes | None) -> None:
         kind, _, member_id = key[len(self._prefix) :].partition("/")
@@ -143,6 +159,7 @@ async def registered(
         encode(info),
         ttl=config.lease_ttl,
         timeout=config.etcd_timeout,
+        credentials=etcd_credentials(config),
     ) as registration:
 
         async def keep_current() -> None:

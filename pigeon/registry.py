@@ -5,8 +5,11 @@ if the process dies the key disappears when the lease expires). Anyone who needs
 members keeps a :class:`PrefixWatch` (a dict of every key under a prefix, kept current by an etcd
 watch that resumes where it left off after an outage).
 
-Both are async context managers that own a background task and an aetcd client, and both survive
-etcd outages: they retry in the background and never clear what they know while etcd is away.
+Both are async context managers that own a background task and an etcd client
+(:class:`pigeon.etcd_client.EtcdClient`, over TLS and with etcd's user/password auth when given
+:class:`EtcdCredentials`), and both survive etcd outages: they retry in the background and never
+clear what they know while etcd is away. Credentials that etcd refuses are not an outage: entering
+raises :class:`RegistryCredentialsError`, which says which setting to fix.
 
 Example (inside a coroutine)::
 
@@ -32,12 +35,15 @@ import aetcd.rpc
 import aetcd.rtypes
 import aetcd.transactions
 
+from pigeon.etcd_client import EtcdClient, EtcdCredentials, credentials_problem
 from pigeon.runtime import cancel_and_wait
 
 __all__ = [
+    "EtcdCredentials",
     "PrefixWatch",
     "Registration",
     "RegistryConflictError",
+    "RegistryCredentialsError",
     "RegistryUnavailableError",
     "parse_endpoint",
 ]
@@ -69,6 +75,20 @@ OnChange = Callable[[str, bytes | None], None]
 
 class RegistryUnavailableError(Exception):
     """etcd could not be reached (or did not answer in time) for an operation that needs it."""
+
+
+class RegistryCredentialsError(RegistryUnavailableError):
+    """etcd refused this process's credentials (TLS certificates, user or password, or the
+    user's permissions): a setting to fix, not an outage to wait out."""
+
+
+def _unavailable(what: str, errors: list[tuple[str, Exception]]) -> RegistryUnavailableError:
+    """The error for an operation that failed on every endpoint: a credentials error when each
+    failure was etcd refusing our credentials, else etcd unavailable."""
+    detail = "; ".join(f"{endpoint}: {_describe(exc)}" for endpoint, exc in errors)
+    if errors and all(credentials_problem(exc) is not None for _, exc in errors):
+        return RegistryCredentialsError(f"{what}: etcd refused the credentials ({detail})")
+    return RegistryUnavailableError(f"{what} ({detail})")
 
 
 class RegistryConflictError(Exception):
@@ -106,27 +126,18 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 _REQUIRE_LEADER: Final = ("hasleader", "true")
 
 
-class _Client(aetcd.Client):  # type: ignore[misc]
-    """An aetcd client whose calls and watches all require the member to have a leader."""
-
-    async def connect(self) -> None:
-        await super().connect()
-        metadata: tuple[tuple[str, str], ...] = getattr(self, "metadata", None) or ()
-        if _REQUIRE_LEADER not in metadata:
-            self.metadata = (*metadata, _REQUIRE_LEADER)
-            # aetcd hands the watcher the metadata when it creates it, inside connect().
-            self._watcher._metadata = self.metadata
-
-
 class _Connection:
-    """One aetcd client at a time over a list of endpoints, rotating on failure."""
+    """One etcd client at a time over a list of endpoints, rotating on failure."""
 
-    def __init__(self, endpoints: list[str], timeout: float) -> None:
+    def __init__(
+        self, endpoints: list[str], timeout: float, credentials: EtcdCredentials | None
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is required")
         self._endpoints = [parse_endpoint(e) for e in endpoints]
         self._index = 0
         self._timeout = timeout
+        self._credentials = credentials or EtcdCredentials()
         self._client: Any = None
 
     @property
@@ -143,8 +154,13 @@ class _Connection:
         if self._client is None:
             host, port = self._endpoints[self._index]
             # Without timeout= a call to a frozen etcd never returns.
-            self._client = _Client(
-                host=host, port=port, timeout=self._timeout, options=_CHANNEL_OPTIONS
+            self._client = EtcdClient(
+                host,
+                port,
+                credentials=self._credentials,
+                timeout=self._timeout,
+                options=_CHANNEL_OPTIONS,
+                metadata=(_REQUIRE_LEADER,),
             )
         return self._client
 
@@ -170,7 +186,9 @@ def _lease_not_found(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    problem = credentials_problem(exc)
+    return text if problem is None or problem in text else f"{text} ({problem})"
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
@@ -210,6 +228,9 @@ class Registration:
         timeout: seconds allowed for each etcd call.
         fail_fast: if true, entering raises :class:`RegistryUnavailableError` when etcd cannot be
             reached; if false, entering succeeds and the key is registered once etcd answers.
+            Either way, credentials that etcd refuses on every endpoint raise
+            :class:`RegistryCredentialsError`.
+        credentials: TLS files and etcd user/password; plaintext without auth if None.
     """
 
     def __init__(
@@ -221,10 +242,11 @@ class Registration:
         ttl: int = 5,
         timeout: float = 2.0,
         fail_fast: bool = True,
+        credentials: EtcdCredentials | None = None,
     ) -> None:
         if ttl < 1:
             raise ValueError(f"ttl must be at least 1 second, got {ttl}")
-        self._conn = _Connection(endpoints, timeout)
+        self._conn = _Connection(endpoints, timeout, credentials)
         self._key = key.encode() if isinstance(key, str) else key
         self._value = value
         self._ttl = ttl
@@ -263,8 +285,7 @@ class Registration:
         return self._lease_id is not None and not self._withdrawn
 
     async def __aenter__(self) -> Self:
-        errors: list[str] = []
-        last: Exception | None = None
+        errors: list[tuple[str, Exception]] = []
         for _ in range(self._conn.count):
             try:
                 await self._register_waiting_out_a_holder()
@@ -273,18 +294,14 @@ class Registration:
                 await self._conn.close()
                 raise
             except Exception as exc:
-                errors.append(f"{self._conn.endpoint}: {_describe(exc)}")
-                last = exc
+                errors.append((self._conn.endpoint, exc))
                 await self._conn.failed()
         else:
-            if self._fail_fast:
+            error = _unavailable(f"cannot register {self.key} in etcd", errors)
+            if self._fail_fast or isinstance(error, RegistryCredentialsError):
                 await self._conn.close()
-                raise RegistryUnavailableError(
-                    f"cannot register {self.key} in etcd ({'; '.join(errors)})"
-                ) from last
-            logger.warning(
-                "cannot register %s in etcd yet, will retry (%s)", self.key, "; ".join(errors)
-            )
+                raise error from errors[-1][1]
+            logger.warning("%s; will retry", error)
         self._task = asyncio.get_running_loop().create_task(
             self._keepalive(), name=f"registration {self.key}"
         )
@@ -528,6 +545,7 @@ class PrefixWatch:
         on_change: called with (key, value) for each put and (key, None) for each delete,
             including those found when loading the keys again. It runs on the watch task: keep
             it short and do not block; exceptions are logged and ignored.
+        credentials: TLS files and etcd user/password; plaintext without auth if None.
     """
 
     def __init__(
@@ -538,10 +556,11 @@ class PrefixWatch:
         timeout: float = 2.0,
         retry_interval: float = 0.5,
         on_change: OnChange | None = None,
+        credentials: EtcdCredentials | None = None,
     ) -> None:
         if not prefix:
             raise ValueError("prefix must not be empty")
-        self._conn = _Connection(endpoints, timeout)
+        self._conn = _Connection(endpoints, timeout, credentials)
         self._prefix = prefix.encode()
         self._retry_interval = retry_interval
         self._on_change = on_change
@@ -560,20 +579,25 @@ class PrefixWatch:
         return self._prefix.decode()
 
     async def __aenter__(self) -> Self:
-        errors: list[str] = []
+        errors: list[tuple[str, Exception]] = []
         for _ in range(self._conn.count):
             try:
                 await self._load()
                 break
             except Exception as exc:
-                errors.append(f"{self._conn.endpoint}: {_describe(exc)}")
+                errors.append((self._conn.endpoint, exc))
                 await self._conn.failed()
         else:
+            error = _unavailable(f"cannot watch {self.prefix} in etcd", errors)
+            if isinstance(error, RegistryCredentialsError):
+                # Refused credentials do not heal by waiting: refuse to start, saying why.
+                await self._conn.close()
+                raise error from errors[-1][1]
             # Start empty rather than fail: a Gate restarted during an outage must come up.
             logger.warning(
                 "etcd unreachable, watching %s with an empty view until it answers (%s)",
                 self.prefix,
-                "; ".join(errors),
+                error,
             )
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"watch {self.prefix}"

@@ -67,3 +67,82 @@ def make_certificates(folder: Path) -> TlsFiles:
         )
     )
     return files
+
+
+@dataclass(frozen=True)
+class MutualTlsFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def make_mutual_tls(folder: Path, client_name: str = "pigeon") -> MutualTlsFiles:
+    """Certificates for a server that also checks its clients' certificates (etcd's
+    ``--client-cert-auth``); the client certificate's common name is ``client_name`` (with auth
+    enabled, etcd takes it as the user name)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("Pigeon test etcd CA"))
+        .issuer_name(_name("Pigeon test etcd CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(
+        common_name: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(ca_key, hashes.SHA256()), key
+
+    server, server_key = leaf(
+        "localhost",
+        x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
+    client, client_key = leaf(client_name, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    folder.mkdir(parents=True, exist_ok=True)
+    files = MutualTlsFiles(
+        ca=folder / "etcd-ca.pem",
+        server_cert=folder / "etcd-server.pem",
+        server_key=folder / "etcd-server.key",
+        client_cert=folder / "etcd-client.pem",
+        client_key=folder / "etcd-client.key",
+    )
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.server_key, server_key)
+    files.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))
+    _write_key(files.client_key, client_key)
+    return files
