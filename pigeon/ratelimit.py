@@ -102,8 +102,12 @@ def _whole_ms(wait: float) -> float:
 
 
 LARGE_REQUEST_BYTES = 64 * 1024
-"""A request past this size is large: it is charged one token per started 64 KiB of the caller's
-rate limit, and each caller has at most :data:`LARGE_AT_ONCE` of them in flight."""
+"""A request past this size is large: each caller has at most :data:`LARGE_AT_ONCE` of them in
+flight."""
+
+CHARGE_BYTES = 16 * 1024
+"""A request costs one token of its caller's rate limit per started 16 KiB (at most the whole
+bucket): the largest takes a default user's whole burst."""
 
 LARGE_AT_ONCE = 2
 
@@ -123,7 +127,7 @@ class LargeRequests:
     @staticmethod
     def cost(size: int) -> float:
         """Rate-limit tokens a request of ``size`` bytes costs (1 for a small one)."""
-        return float(max(1, math.ceil(size / LARGE_REQUEST_BYTES)))
+        return float(max(1, math.ceil(size / CHARGE_BYTES)))
 
     @contextlib.contextmanager
     def admit(self, caller: str, size: int) -> Iterator[None]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 import json
 import logging
 import math
@@ -73,6 +74,7 @@ from pigeon.errors import (
     Unavailable,
     rich_status,
 )
+from pigeon.offload import WorkerProcess
 from pigeon.openapi import (
     SCALAR_MESSAGES,
     Comments,
@@ -128,8 +130,8 @@ SSE_RETRY_MS = 2000
 # Seconds a closing gateway gives its event streams to forward what their node sent last.
 STREAMS_END_WITHIN = 1.0
 
-# Bodies up to this size are parsed on the event loop (a few ms at most); larger ones on a
-# thread, at most PARSING_AT_ONCE at a time.
+# Bodies up to this size are parsed on the event loop (a few ms at most); larger ones in the
+# gateway's worker process, at most PARSING_AT_ONCE at a time.
 PARSE_ON_LOOP_BYTES = 4 * 1024
 PARSING_AT_ONCE = 2
 PARSE_WAITING_MAX = 8
@@ -408,6 +410,23 @@ def _decode_into(body: bytes, message: Message, field: str | None) -> None:
         _parse_into(value, message, field)
 
 
+def _json_to_wire(
+    module: str, name: str, body: bytes, field: str | None
+) -> tuple[bytes | None, tuple[str, str, dict[str, str]] | None]:
+    """In the worker process: a body decoded into the request type ``module.name``, as protobuf
+    bytes, or the error the decoding met as (message, reason, metadata). (None, None) when the
+    type cannot be found there (one made at run time), for the caller to decode it itself."""
+    try:
+        message = getattr(importlib.import_module(module), name)()
+    except (ImportError, AttributeError, TypeError):
+        return None, None
+    try:
+        _decode_into(body, message, field)
+    except _BadRequest as exc:
+        return None, (exc.error.message, exc.error.reason, exc.error.metadata)
+    return message.SerializeToString(), None
+
+
 def _parse_into(value: Any, message: Message, field: str | None) -> None:
     """Merge parsed JSON into the request, the whole message or one field of it."""
     if field is None and not isinstance(value, dict):
@@ -609,6 +628,7 @@ class RestGateway:
         self._document: bytes | None = None
         self._parsing = asyncio.Semaphore(PARSING_AT_ONCE)
         self._large = LargeRequests()
+        self._worker = WorkerProcess()
 
     # The HTTP side.
 
@@ -696,6 +716,7 @@ class RestGateway:
             channel, self._channel = self._channel, None
             for call in list(self._streams):
                 call.cancel()
+            self._worker.close()
             await channel.close(None)
 
     def _callable(self, route: _Route) -> Any:
@@ -852,32 +873,19 @@ class RestGateway:
         if binding.body:
             # A public call (Gate.Connect) carries a token, not a batch of messages.
             limit = min(PUBLIC_BODY_BYTES, self._max_body_bytes) if public else None
-            body = await self._read_body(request, limit)
             field = None if binding.body == "*" else binding.body
+            body = await self._read_body(request, limit)
             if len(body) <= PARSE_ON_LOOP_BYTES:
                 _decode_into(body, message, field)
             else:
-                # protobuf's JSON parser is pure Python (a 64 KB body of small elements takes
-                # 150 ms): on a thread, a few at a time, and only so many waiting.
-                if self._parse_waiting >= PARSE_WAITING_MAX:
-                    raise _BadRequest(
-                        ResourceExhausted(
-                            "too many large requests are being read; retry",
-                            retry_after=1.0,
-                            reason="BUSY",
-                        ),
-                        429,
-                    )
-                self._parse_waiting += 1
+                # Refused only once the body is read: a client still uploading when the
+                # connection closes sees a reset, not the answer that says when to retry.
                 try:
-                    # One caller cannot take every place: a large body is one of its own few.
                     with self._large.admit(caller or "?", len(body)):
-                        async with self._parsing:
-                            await asyncio.to_thread(_decode_into, body, message, field)
-                except PigeonError as exc:
-                    raise _BadRequest(exc, 429) from None
-                finally:
-                    self._parse_waiting -= 1
+                        await self._decode_off_loop(body, message, field)
+                except (ResourceExhausted, Unavailable) as exc:
+                    status = 429 if isinstance(exc, ResourceExhausted) else 503
+                    raise _BadRequest(exc, status) from None
         for field_path, text in variables.items():
             _set_text(message, field_path, [text], ".".join(field_path))
         if binding.body != "*":
@@ -885,6 +893,34 @@ class RestGateway:
         if route.resumable:
             _apply_resume(message, request)
         return message
+
+    async def _decode_off_loop(self, body: bytes, message: Message, field: str | None) -> None:
+        """Decode a body in the worker process, a few at a time and only so many waiting; the
+        loop only merges the protobuf bytes.
+
+        protobuf's JSON parser is pure Python, seconds for megabytes of small elements, and on a
+        thread it would hold the loop's GIL meanwhile.
+        """
+        if self._parse_waiting >= PARSE_WAITING_MAX:
+            raise ResourceExhausted(
+                "too many large requests are being read; retry", retry_after=1.0, reason="BUSY"
+            )
+        self._parse_waiting += 1
+        try:
+            async with self._parsing:
+                kind = type(message)
+                wire, error = await self._worker.run(
+                    _json_to_wire, kind.__module__, kind.__qualname__, body, field
+                )
+        finally:
+            self._parse_waiting -= 1
+        if error is not None:
+            text, reason, metadata = error
+            raise _BadRequest(InvalidArgument(text, reason=reason, **metadata))
+        if wire is None:
+            await asyncio.to_thread(_decode_into, body, message, field)
+        else:
+            message.MergeFromString(wire)
 
     async def _read_body(self, request: Request, limit: int | None = None) -> bytes:
         max_bytes = self._max_body_bytes if limit is None else limit

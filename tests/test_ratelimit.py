@@ -124,4 +124,4 @@ def test_a_caller_has_at_most_two_large_requests_in_flight() -> None:
             pass
     with large.admit("user:a", big):
         pass
-    assert LargeRequests.cost(4 * 1024 * 1024) == 64 and LargeRequests.cost(10) == 1
+    assert LargeRequests.cost(4 * 1024 * 1024) == 256 and LargeRequests.cost(10) == 1
