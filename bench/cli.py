@@ -12,7 +12,9 @@ The run, in order (each Pigeon figure has its ceiling figure measured earlier in
    latency, connect storm, Gate.Connect rate;
 3. a cluster in broadcast mode: cross-node at 4, then 2 nodes;
 4. a one-node cluster with group commit off (PIGEON_BATCH_MAX_SIZE=1), then a one-node cluster
-   on the MongoDB store (a secantusdb server).
+   on the MongoDB store (a secantusdb server);
+5. a fresh one-node cluster for the attack rows (bench.attack_steps): another user's latency
+   before and during each attack of issue 20, items 1-4.
 
 A quick run starts the four clusters side by side before anything is measured.
 A step that fails is recorded as failed in the results and the run goes on.
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench import report
+from bench.attack_steps import Attacks
 from bench.scenarios import BenchError, Plan, Scenarios
 from bench.workers import Pool
 from pigeon.local import LocalCluster
@@ -51,7 +54,7 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-GROUPS = ("ceiling", "routed", "broadcast", "single")
+GROUPS = ("ceiling", "routed", "broadcast", "single", "attacks")
 """The step groups, in run order: the ceiling relay, then one Pigeon cluster each."""
 SCENARIOS = (
     "ceiling",
@@ -61,6 +64,7 @@ SCENARIOS = (
     "fanout",
     "connections",
     "group_commit",
+    "attacks",
 )
 
 
@@ -196,11 +200,18 @@ CLUSTERS = {
         # other. Separate clusters: nodes of one cluster must share one store.
         ClusterSpec("single", 1, node_envs=({"PIGEON_BATCH_MAX_SIZE": "1"},)),
         ClusterSpec("mongo", 1, mongo_node=0),
+        # Fresh, so that no earlier load sits in the figures of the attacked services.
+        ClusterSpec("attacks", 1),
     )
 }
 """The clusters, by name."""
 
-GROUP_CLUSTERS = {"routed": ("routed",), "broadcast": ("broadcast",), "single": ("single", "mongo")}
+GROUP_CLUSTERS = {
+    "routed": ("routed",),
+    "broadcast": ("broadcast",),
+    "single": ("single", "mongo"),
+    "attacks": ("attacks",),
+}
 """The clusters each step group uses."""
 
 
@@ -222,6 +233,7 @@ class Run:
         self.progress = progress
         self.workdir = workdir
         self.measure = Scenarios(plan, pool, progress.wait, self.servers)
+        self.attack = Attacks(plan, pool, progress.wait, self.servers)
         self.results: dict[str, dict[str, Any]] = {name: {} for name in SCENARIOS}
         self.group = contextlib.ExitStack()
         self.relay_address = ""
@@ -612,6 +624,67 @@ class Run:
             ),
         ]
 
+    def attacks(self) -> list[tuple[str, Callable[[], None]]]:
+        a = self.attack
+
+        def put(
+            key: str, measure: Callable[[dict[str, str], LocalCluster], dict[str, Any]]
+        ) -> None:
+            cluster = self._need_cluster()
+            self._put("attacks", key, measure(_pigeon_target(cluster), cluster))
+
+        def gate(c: LocalCluster) -> str:
+            return c.gate.address
+
+        def big_sends(transport: str) -> Callable[[dict[str, str], LocalCluster], dict[str, Any]]:
+            return lambda t, c: a.big_sends(
+                t,
+                node=c.nodes[0].address,
+                node_name=c.nodes[0].name,
+                http=c.nodes[0].http_address,
+                transport=transport,
+                prefix=f"ab{transport[0]}",
+            )
+
+        return [
+            ("start a one-node cluster for the attacks", lambda: self.start_cluster("attacks")),
+            (
+                "attack: huge tokens on Gate.Connect",
+                lambda: put(
+                    "huge_token_payload",
+                    lambda t, c: a.huge_tokens(t, gate=gate(c), where="payload", prefix="atp"),
+                ),
+            ),
+            (
+                "attack: huge token headers on Gate.Connect",
+                lambda: put(
+                    "huge_token_header",
+                    lambda t, c: a.huge_tokens(t, gate=gate(c), where="header", prefix="ath"),
+                ),
+            ),
+            ("attack: big REST Sends", lambda: put("big_send_rest", big_sends("rest"))),
+            ("attack: big gRPC Sends", lambda: put("big_send_grpc", big_sends("grpc"))),
+            (
+                "attack: idle connections",
+                lambda: put(
+                    "idle_connections",
+                    lambda t, c: a.idle_connections(
+                        t,
+                        gate=gate(c),
+                        node=c.nodes[0].address,
+                        http=c.nodes[0].http_address,
+                        prefix="aic",
+                    ),
+                ),
+            ),
+            (
+                "attack: failed authentication",
+                lambda: put(
+                    "failed_auth", lambda t, c: a.failed_auth(t, gate=gate(c), prefix="afa")
+                ),
+            ),
+        ]
+
     def _put(self, scenario: str, key: str, value: dict[str, Any]) -> None:
         self.results[scenario][key] = value
 
@@ -675,6 +748,12 @@ _STEP_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
     "cross-node broadcast, 2 nodes": (("cross_node", "broadcast_2"),),
     "group commit off, 1 per call": (("group_commit", "off"),),
     "same-node, MongoDB store": (("same_node", "mongodb"),),
+    "attack: huge tokens on Gate.Connect": (("attacks", "huge_token_payload"),),
+    "attack: huge token headers on Gate.Connect": (("attacks", "huge_token_header"),),
+    "attack: big REST Sends": (("attacks", "big_send_rest"),),
+    "attack: big gRPC Sends": (("attacks", "big_send_grpc"),),
+    "attack: idle connections": (("attacks", "idle_connections"),),
+    "attack: failed authentication": (("attacks", "failed_auth"),),
 }
 
 
@@ -756,7 +835,26 @@ def _notes(
         f"Storm: {plan.storm:,} clients at once.",
         "MongoDB row: secantusdb 0.7.0b3, an embedded MongoDB-compatible test server, not a "
         "production MongoDB.",
+        *(_attack_notes(plan) if results.get("attacks") else []),
         *busy,
+    ]
+
+
+def _attack_notes(plan: Plan) -> list[str]:
+    checks = ", ".join(f"{t:g}" for t in plan.idle_checks)
+    return [
+        f"Attack rows (7.x): a fresh one-node cluster; {plan.attackers} concurrent attackers "
+        f"(one connection each) in {plan.attack_workers} worker processes, the victim (another "
+        f"user, sequential calls, at most one per {plan.victim_interval * 1000:g} ms) in "
+        f"another; victim timed {plan.attack_idle:g} s before and {plan.attack_window:g} s "
+        "during each attack, after waiting for the services to calm down; attackers, victim "
+        "and services share the machine's CPUs. Huge tokens: "
+        f"{plan.token_bytes:,} characters, fake signature. Big Sends: {plan.recipients:,} "
+        f"recipients, one attacker user each. Idle connections: {plan.idle_connections} each "
+        f"(Gate gRPC, node gRPC, node HTTP), counted {checks} s after they opened. Failed "
+        f"authentication: {plan.failed_connects:,} Connects at {plan.failed_rate:,}/s (no "
+        f"token, not a JWT, wrong signature in turn) and {plan.failed_publishes:,} "
+        "wrong-API-key Publishes as fast as they are answered, at once.",
     ]
 
 
@@ -815,6 +913,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick_plan() if args.quick else Plan.full()
     groups = tuple(g for g in GROUPS if g in args.only.split(","))
     command = "python -m bench" + (" --quick" if args.quick else "")
+    if groups != GROUPS:
+        command += f" --only {','.join(groups)}"
     started = time.monotonic()
     info = machine()
     workdir = Path(tempfile.mkdtemp(prefix="pigeon-bench-"))
@@ -852,6 +952,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     seconds = time.monotonic() - started
     table = report.rows(run.results)
+    if groups != GROUPS:
+        # The rows of the groups left out would all read "not run".
+        table = [row for row in table if row.pigeon != "not run"]
     notes = _notes(plan, info, seconds, command, run.results)
     text = report.markdown(table, notes)
     print(text)

@@ -9,7 +9,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Row", "chart", "foreign_cpu", "markdown", "rows", "write_json"]
+__all__ = [
+    "Row",
+    "attack_bound_ms",
+    "attack_rows",
+    "chart",
+    "foreign_cpu",
+    "markdown",
+    "rows",
+    "write_json",
+]
 
 
 @dataclass
@@ -258,6 +267,113 @@ def rows(results: dict[str, Any]) -> list[Row]:
     )
     if on is not None and off:
         out[-1].pigeon += f" (on = {on / off:.1f}x off)"
+    out.extend(attack_rows(s))
+    return out
+
+
+# Attack rows: (key in results["attacks"], label), in the issue's order (issue 20, items 1-4).
+_ATTACKS = (
+    ("huge_token_payload", "7.1 Huge token (payload) on Gate.Connect, no credential"),
+    ("huge_token_header", "7.1 Huge token (JSON header) on Gate.Connect, no credential"),
+    ("big_send_rest", "7.2 Big REST Sends from logged-in users"),
+    ("big_send_grpc", "7.2 Big gRPC Sends from logged-in users"),
+    ("idle_connections", "7.3 Idle connections"),
+    ("failed_auth", "7.4 Failed authentication"),
+)
+_VICTIMS = {"connect": "Connect", "rest": "Send over REST", "grpc": "Send over gRPC"}
+
+
+def attack_bound_ms(idle_p50: float) -> float:
+    """The issue's target for the victim's median during an attack."""
+    return max(50.0, 10 * idle_p50)
+
+
+def _codes_text(codes: dict[str, int]) -> str:
+    if not codes:
+        return "none"
+    ordered = sorted(codes.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{code} {_num(n)}" for code, n in ordered)
+
+
+def _attack_text(key: str, value: dict[str, Any]) -> str:
+    """What the attackers did and how they were answered."""
+    if key == "idle_connections":
+        total = value["connections"]
+        parts = []
+        for name, label in (
+            ("gate_grpc", "Gate gRPC"),
+            ("node_grpc", "node gRPC"),
+            ("node_http", "node HTTP"),
+        ):
+            opened = value["opened"].get(name, 0)
+            counts = ", ".join(
+                f"{check['open'].get(name, 0)}/{opened} open after {check['after_s']:.0f} s"
+                for check in value["checks"]
+            )
+            failed = f" ({total - opened} failed to open)" if opened < total else ""
+            closed = value["checks"][-1].get("closed", {}).get(name) if value["checks"] else None
+            if closed and closed["closed"]:
+                first, last = closed["first_closed_s"], closed["last_closed_s"]
+                when = f"{first:.1f}" if first == last else f"{first:.1f} to {last:.1f}"
+                counts += f" (closed {when} s after opening)"
+            parts.append(f"{label}: {counts or 'not counted'}{failed}")
+        return "; ".join(parts)
+    attackers = f"{value['attackers']} attackers"
+    if key == "failed_auth":
+        took = value.get("publish_seconds")
+        publish = f" in {took:.2f} s" if took is not None else ""
+        return (
+            f"{attackers}: {_num(value['connects'])} Connects at {_num(value['connect_rate'])}/s "
+            f"({_codes_text(value['connect_codes'])}); {_num(value['publishes'])} wrong-key "
+            f"Publishes{publish} ({_codes_text(value['publish_codes'])})"
+        )
+    size = value["request_bytes"] / 1e6
+    return (
+        f"{attackers}, {size:.1f} MB requests, {value['seconds']:g} s: "
+        f"{_codes_text(value['attack_codes'])}"
+    )
+
+
+def attack_rows(results: dict[str, Any]) -> list[Row]:
+    """One row per attack and victim: the victim's p50 / p99 idle and during the attack, what
+    the attackers were answered, and the target (during-p50 <= max(50 ms, 10 x idle p50),
+    every victim call answered OK)."""
+    out: list[Row] = []
+    target = "p50 during ≤ max(50 ms, 10x idle), victim calls OK"
+    for key, label in _ATTACKS:
+        value = _get(results, "attacks", key)
+        if value is None:
+            continue
+        if not _ok(value):
+            out.append(Row(label, _failed(value), "—", "—", target, None))
+            continue
+        attack = _attack_text(key, value)
+        for name, figures in value["victims"].items():
+            idle, during = figures["idle"]["ms"], figures["during"]["ms"]
+            errors = {c: n for c, n in figures["during"]["codes"].items() if c != "OK"}
+            victim = f"another user's {_VICTIMS.get(name, name)}"
+            if "p50" not in idle or "p50" not in during:
+                out.append(
+                    Row(f"{label}: {victim}", "no samples; " + attack, "—", "—", target, None)
+                )
+                continue
+            bound = attack_bound_ms(idle["p50"])
+            failed = f", {_codes_text(errors)} of {_num(during['count'])}" if errors else ""
+            text = (
+                f"p50 / p99 idle {idle['p50']:.1f} / {idle['p99']:.1f} ms → during "
+                f"{during['p50']:,.1f} / {during['p99']:,.1f} ms ({_num(during['count'])} "
+                f"call{'' if during['count'] == 1 else 's'}{failed}); {attack}"
+            )
+            out.append(
+                Row(
+                    f"{label}: {victim}",
+                    text,
+                    "—",
+                    f"{during['p50'] / idle['p50']:,.1f}x idle" if idle["p50"] else "n/a",
+                    f"{target} (≤ {bound:.0f} ms)",
+                    during["p50"] <= bound and not errors,
+                )
+            )
     return out
 
 

@@ -61,6 +61,23 @@ class Plan:
     settle: float = 2.0
     # How long the latency scenario waits for answers still in flight after its last send.
     drain: float = 60.0
+    # The attack rows (bench.attack_steps): the victim's timed windows before and during each
+    # attack, and a pause after each attack for the services to finish what it left them.
+    attack_idle: float = 5.0
+    attack_window: float = 15.0
+    attack_settle: float = 3.0
+    attackers: int = 12
+    attack_workers: int = 4
+    # The victim starts a call at most this often (under the per-user rate limit).
+    victim_interval: float = 0.02
+    token_bytes: int = 4_000_000
+    recipients: int = 380_000
+    idle_connections: int = 300
+    # When, after they are open, the idle connections still open are counted.
+    idle_checks: tuple[float, ...] = (30.0, 120.0)
+    failed_connects: int = 3000
+    failed_rate: int = 1500
+    failed_publishes: int = 1000
 
     @classmethod
     def full(cls) -> Plan:
@@ -86,11 +103,20 @@ class Plan:
             connect_calls=500,
             settle=0.3,
             drain=0.5,
+            attack_idle=0.5,
+            attack_window=1.0,
+            attack_settle=0.5,
+            idle_connections=60,
+            idle_checks=(3.0,),
+            failed_connects=1500,
+            failed_publishes=500,
         )
 
     @property
     def workers(self) -> int:
-        return max(self.rx_workers + self.tx_workers, self.hold_workers + 1)
+        return max(
+            self.rx_workers + self.tx_workers, self.hold_workers + 1, self.attack_workers + 1
+        )
 
 
 def percentiles(

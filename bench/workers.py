@@ -2,9 +2,9 @@
 
 Each worker is a process of its own (multiprocessing, spawn), running one asyncio loop (uvloop)
 for its whole life, so that its gRPC clients never share a process, a loop or a GIL with the
-harness or with each other. The harness hands it one role at a time (see bench.roles) over a
-pipe; a role reports `ready`, waits for `go` (or other commands), and ends with a `report`. A role
-that raises reports `error` with its traceback; `abort` cancels a role.
+harness or with each other. The harness hands it one role at a time (see bench.roles and
+bench.attacks) over a pipe; a role reports `ready`, waits for `go` (or other commands), and ends
+with a `report`. A role that raises reports `error` with its traceback; `abort` cancels a role.
 
 Messages on the pipe are plain dicts: commands carry "op", answers carry "kind".
 """
@@ -44,7 +44,7 @@ class Worker:
         child.close()
 
     def run(self, role: str, params: dict[str, Any]) -> None:
-        """Start a role (see bench.roles.ROLES)."""
+        """Start a role (see bench.roles.ROLES and bench.attacks.ATTACK_ROLES)."""
         self.command("run", role=role, params=params)
 
     def command(self, op: str, **fields: Any) -> None:
@@ -168,8 +168,11 @@ def _worker_main(conn: multiprocessing.connection.Connection, index: int) -> Non
 
 
 async def _serve(conn: multiprocessing.connection.Connection) -> None:
+    from bench.attacks import ATTACK_ROLES
     from bench.roles import ROLES
     from pigeon.runtime import cancel_and_wait
+
+    roles = {**ROLES, **ATTACK_ROLES}
 
     loop = asyncio.get_running_loop()
     task: asyncio.Task[None] | None = None
@@ -177,7 +180,7 @@ async def _serve(conn: multiprocessing.connection.Connection) -> None:
 
     async def perform(role: str, params: dict[str, Any], ctl: Control) -> None:
         try:
-            result = await ROLES[role](ctl, params)
+            result = await roles[role](ctl, params)
         except asyncio.CancelledError:
             raise
         except BaseException:

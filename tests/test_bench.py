@@ -33,6 +33,14 @@ EXPECTED = {
     "fanout": {"broadcast"},
     "connections": {"idle", "storm", "connect"},
     "group_commit": {"on", "off"},
+    "attacks": {
+        "huge_token_payload",
+        "huge_token_header",
+        "big_send_rest",
+        "big_send_grpc",
+        "idle_connections",
+        "failed_auth",
+    },
 }
 
 
@@ -59,6 +67,19 @@ def test_quick_benchmark_runs_every_scenario_and_writes_json(tmp_path: Path) -> 
     assert document["meta"]["machine"]["nproc"] >= 1
     assert document["table"], "no table rows"
     assert "| Scenario |" in result.stdout
+    # Each attack row says how the attackers were answered and times the victim both ways.
+    attacks = scenarios["attacks"]
+    for key in EXPECTED["attacks"] - {"idle_connections"}:
+        assert sum(attacks[key]["attack_codes"].values()) > 0, key
+    for key, value in attacks.items():
+        for name, victim in value["victims"].items():
+            assert victim["idle"]["ms"]["count"] > 0, f"{key}: victim {name} idle"
+            assert victim["during"]["ms"]["count"] > 0, f"{key}: victim {name} during"
+    held = attacks["idle_connections"]
+    for kind in ("gate_grpc", "node_grpc", "node_http"):
+        assert held["opened"][kind] > 0, f"no idle {kind} connection opened"
+    assert held["checks"], "idle connections never counted"
+    assert "7.4 Failed authentication" in result.stdout
     assert (tmp_path / "latest.md").read_text().startswith("| Scenario |")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "latest.png").stat().st_size > 0
