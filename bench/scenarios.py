@@ -74,7 +74,7 @@ class Plan:
     recipients: int = 380_000
     idle_connections: int = 300
     # When, after they are open, the idle connections still open are counted.
-    idle_checks: tuple[float, ...] = (30.0, 120.0)
+    idle_checks: tuple[float, ...] = (30.0, 150.0)
     failed_connects: int = 3000
     failed_rate: int = 1500
     failed_publishes: int = 1000
