@@ -441,8 +441,9 @@ class CommonConfig:
         default_factory=lambda: ["127.0.0.1", "::1"],
         metadata=_rules(
             "addresses or networks of proxies whose X-Forwarded-For names the client, "
-            "comma-separated (the REST gateway calls its own gRPC server over loopback); a "
-            "client behind anything else is known by the address it connects from",
+            "comma-separated; the REST gateway calls its own gRPC server over loopback, or by "
+            "the advertised host with TLS (then add that host's address); a client behind "
+            "anything else is known by the address it connects from",
             check=_check_network,
         ),
     )
