@@ -24,20 +24,28 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_certificates(folder: Path) -> TlsFiles:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
+def _authority(
+    common_name: str, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate, valid for a day, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = (
         x509.CertificateBuilder()
-        .subject_name(_name("Pigeon test CA"))
-        .issuer_name(_name("Pigeon test CA"))
-        .public_key(ca_key.public_key())
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
+        .sign(key, hashes.SHA256())
     )
+    return certificate, key
+
+
+def make_certificates(folder: Path) -> TlsFiles:
+    now = datetime.datetime.now(datetime.UTC)
+    ca, ca_key = _authority("Pigeon test CA", now)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -59,13 +67,7 @@ def make_certificates(folder: Path) -> TlsFiles:
     files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    _write_key(files.key, key)
     return files
 
 
@@ -95,18 +97,7 @@ def make_mutual_tls(folder: Path, client_name: str = "pigeon") -> MutualTlsFiles
     ``--client-cert-auth``); the client certificate's common name is ``client_name`` (with auth
     enabled, etcd takes it as the user name)."""
     now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(_name("Pigeon test etcd CA"))
-        .issuer_name(_name("Pigeon test etcd CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca, ca_key = _authority("Pigeon test etcd CA", now)
 
     def leaf(
         common_name: str, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]

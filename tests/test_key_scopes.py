@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -39,34 +39,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     )
     with local:
         yield local
-
-
-@pytest.fixture
-async def gate(cluster: LocalCluster) -> AsyncIterator[gate_pb2_grpc.GateStub]:
-    async with grpc.aio.insecure_channel(cluster.gate.address) as channel:
-        yield gate_pb2_grpc.GateStub(channel)
-
-
-@pytest.fixture
-async def node(cluster: LocalCluster) -> AsyncIterator[node_pb2_grpc.NodeStub]:
-    async with grpc.aio.insecure_channel(cluster.nodes[0].address) as channel:
-        yield node_pb2_grpc.NodeStub(channel)
-
-
-@pytest.fixture
-async def gate_http(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://{cluster.gate.http_address}", timeout=WAIT
-    ) as http:
-        yield http
-
-
-@pytest.fixture
-async def node_http(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://{cluster.nodes[0].http_address}", timeout=WAIT
-    ) as http:
-        yield http
 
 
 async def test_a_scoped_key_publishes_as_its_sources_alone_through_the_gate(

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -47,34 +47,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     )
     with local:
         yield local
-
-
-@pytest.fixture
-async def gate(cluster: LocalCluster) -> AsyncIterator[gate_pb2_grpc.GateStub]:
-    async with grpc.aio.insecure_channel(cluster.gate.address) as channel:
-        yield gate_pb2_grpc.GateStub(channel)
-
-
-@pytest.fixture
-async def node(cluster: LocalCluster) -> AsyncIterator[node_pb2_grpc.NodeStub]:
-    async with grpc.aio.insecure_channel(cluster.nodes[0].address) as channel:
-        yield node_pb2_grpc.NodeStub(channel)
-
-
-@pytest.fixture
-async def gate_http(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://{cluster.gate.http_address}", timeout=WAIT
-    ) as http:
-        yield http
-
-
-@pytest.fixture
-async def node_http(cluster: LocalCluster) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://{cluster.nodes[0].http_address}", timeout=WAIT
-    ) as http:
-        yield http
 
 
 def bearer(credential: str) -> list[tuple[str, str]]:
