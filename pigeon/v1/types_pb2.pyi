@@ -345,7 +345,7 @@ class NodeInfo(_message.Message):
     address: _builtins.str
     """host:port of the node's gRPC server, as clients reach it."""
     http_address: _builtins.str
-    """host:port of the node's HTTP server (REST, SSE, metrics, health)."""
+    """host:port of the node's HTTP server (REST, SSE, health; metrics are on its ops listener)."""
     version: _builtins.str
     """The Pigeon version the node runs."""
     connections: _builtins.int
