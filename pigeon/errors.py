@@ -17,17 +17,18 @@ Foreign exceptions (grpc, sqlite3, pymongo, aetcd) are converted where they ente
 ``raise SomePigeonError(...) from exc``.
 """
 
-from collections.abc import Iterable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
-from google.protobuf import message as protobuf_message
 
 # googleapis-common-protos ships .pyi stubs but no py.typed marker, so mypy skips them unless the
 # project sets follow_untyped_imports for google.rpc.*; "unused-ignore" keeps this line clean both
 # before and after that setting is added.
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
+from grpc_status import rpc_status
+
+from pigeon.client.errors import received_status
 
 __all__ = [
     "DETAILS_METADATA_KEY",
@@ -275,10 +276,6 @@ def rich_status(err: PigeonError) -> status_pb2.Status:
 async def abort(context: grpc.aio.ServicerContext[Any, Any], err: PigeonError) -> NoReturn:
     """End the current RPC with ``err``: its code, its message and its rich status.
 
-    This is what ``grpc_status.rpc_status.to_status`` + ``context.abort_with_status`` do, written
-    out against ``context.abort`` because that is the call the grpc.aio type stubs know about; the
-    client sees the same status, details and trailer either way.
-
     Args:
         context: The servicer context of the RPC to end.
         err: The error to send.
@@ -286,30 +283,19 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], err: PigeonError) -
     Raises:
         grpc.aio.AbortError: Always (that is how grpc.aio ends the handler); do not catch it.
     """
-    trailer = ((DETAILS_METADATA_KEY, rich_status(err).SerializeToString()),)
-    await context.abort(err.code, err.message, trailer)
-
-
-def _decode_details(exc: grpc.RpcError) -> status_pb2.Status | None:
-    # grpc-stubs types the trailer as opaque objects; at run time both the sync and the aio errors
-    # yield (key, value) pairs.
-    trailer = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
-    for key, value in trailer:
-        if key == DETAILS_METADATA_KEY and isinstance(value, bytes):
-            try:
-                return status_pb2.Status.FromString(value)
-            except protobuf_message.DecodeError:
-                # A peer sent garbage in the trailer: the code and message alone are still useful.
-                return None
-    return None
+    # What context.abort_with_status does, spelled with context.abort: the grpc.aio type stubs
+    # know only that one.
+    status = rpc_status.to_status(rich_status(err))
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def from_rpc_error(exc: grpc.RpcError) -> PigeonError:
     """Turn a received gRPC error back into the matching :class:`PigeonError` subclass.
 
     The reason and metadata come from the ``ErrorInfo`` and the retry delay from the ``RetryInfo``
-    when the server sent them; an error without rich details (from gRPC itself, a proxy, a
-    non-Pigeon server) gets the subclass's default reason. Use it as
+    when the server sent them (read by :func:`pigeon.client.errors.received_status`, shared with
+    the SDK); an error without rich details (from gRPC itself, a proxy, a non-Pigeon server) or
+    with a malformed trailer gets the subclass's default reason. Use it as
     ``raise from_rpc_error(exc) from exc``.
 
     Args:
@@ -319,34 +305,16 @@ def from_rpc_error(exc: grpc.RpcError) -> PigeonError:
         The rebuilt error; a plain :class:`PigeonError` carrying the received code for codes with no
         subclass (CANCELLED, UNKNOWN, ABORTED, OUT_OF_RANGE, UNIMPLEMENTED, DATA_LOSS).
     """
-    code = exc.code()
-    message = exc.details() or ""
-    cls = _BY_CODE.get(code, PigeonError)
-    reason: str | None = None
-    metadata: dict[str, str] = {}
-    retry_after = 0.0
-
-    status = _decode_details(exc)
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason = info.reason or None
-                metadata = dict(info.metadata)
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
-
+    got = received_status(exc)
+    cls = _BY_CODE.get(got.code, PigeonError)
     # Bypass the subclass constructors: the message on the wire is already final (ResourceExhausted
     # would otherwise append "retry after" a second time).
     err = cls.__new__(cls)
-    PigeonError.__init__(err, message, reason=reason, **metadata)
+    PigeonError.__init__(err, got.message, reason=got.reason or None, **got.metadata)
     if isinstance(err, ResourceExhausted):
-        err.retry_after = retry_after
+        err.retry_after = got.retry_after
     if cls is PigeonError:
-        err.code = code
-        if reason is None:
-            err.reason = code.name
+        err.code = got.code
+        if not got.reason:
+            err.reason = got.code.name
     return err

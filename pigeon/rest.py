@@ -62,8 +62,8 @@ from starlette.types import Message as AsgiMessage
 
 from pigeon import __version__
 from pigeon.auth import bearer_token
+from pigeon.client.errors import received_status
 from pigeon.errors import (
-    DETAILS_METADATA_KEY,
     DeadlineExceeded,
     Internal,
     InvalidArgument,
@@ -472,22 +472,6 @@ def _dumps(data: Any) -> str:
 # --- errors ------------------------------------------------------------------------------------
 
 
-def _status_of_rpc_error(exc: grpc.aio.AioRpcError) -> status_pb2.Status:
-    """The rich status a call failed with: from the details trailer when the server sent one."""
-    code = exc.code()
-    # grpc-stubs types the trailer as opaque objects; at run time they are (key, value) pairs.
-    trailer = cast("Iterable[tuple[str, str | bytes]]", exc.trailing_metadata() or ())
-    for key, value in trailer:
-        if key == DETAILS_METADATA_KEY and isinstance(value, bytes):
-            try:
-                status = status_pb2.Status.FromString(value)
-            except Exception:  # a peer's garbage trailer: the code and message still stand
-                break
-            if status.code == code.value[0]:
-                return status
-    return status_pb2.Status(code=code.value[0], message=exc.details() or "")
-
-
 def _status_json(status: status_pb2.Status) -> dict[str, Any]:
     details = []
     for detail in status.details:
@@ -816,7 +800,7 @@ class RestGateway:
                         route.request_type(), metadata=metadata, timeout=self._unary_timeout
                     )
                 except grpc.aio.AioRpcError as exc:
-                    response = _error_response(_status_of_rpc_error(exc))
+                    response = _error_response(received_status(exc).status)
             response.headers["Connection"] = "close"
             return response
         message = await self._request_message(route, variables, request, caller, public=public)
@@ -827,7 +811,7 @@ class RestGateway:
                 message, metadata=metadata, timeout=self._unary_timeout
             )
         except grpc.aio.AioRpcError as exc:
-            return _error_response(_status_of_rpc_error(exc))
+            return _error_response(received_status(exc).status)
         body = route.binding.response_body
         data: Any = _to_json(reply)
         if body:
@@ -977,7 +961,7 @@ class RestGateway:
             first = await call.read()
         except grpc.aio.AioRpcError as exc:
             self._end_stream(call)
-            return _error_response(_status_of_rpc_error(exc))
+            return _error_response(received_status(exc).status)
         except BaseException:
             self._end_stream(call)
             raise
@@ -1015,7 +999,7 @@ class RestGateway:
                     yield _sse_event(event, route.resumable)
                 event = await call.read()
         except grpc.aio.AioRpcError as exc:
-            error = _status_json(_status_of_rpc_error(exc))
+            error = _status_json(received_status(exc).status)
             if ndjson:
                 yield (_dumps({"error": error}) + "\n").encode()
             else:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import pigeon.client
@@ -27,6 +28,7 @@ import pigeon.errors
 from pigeon.auth import mint_user_token
 from pigeon.client import (
     ClientClosed,
+    ClientError,
     Connected,
     Cursor,
     Disconnected,
@@ -563,6 +565,58 @@ async def test_system_client_retries_with_the_same_idempotency_key() -> None:
             assert len(gate.publishes) == 3
 
 
+class _BadTrailerGate(FakeGate):
+    """Ends every Publish with ``trailer`` in grpc-status-details-bin, as a broken peer might."""
+
+    def __init__(self, code: grpc.StatusCode, trailer: bytes) -> None:
+        super().__init__("")
+        self.code, self.trailer = code, trailer
+
+    async def Publish(self, request: Any, context: Any) -> Any:
+        await context.abort(
+            self.code, "body is empty", (("grpc-status-details-bin", self.trailer),)
+        )
+
+
+def _unparsable_error_info_beside_a_retry_info() -> bytes:
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromSeconds(2)
+    status = status_pb2.Status(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="body is empty"
+    )
+    status.details.add(type_url="type.googleapis.com/google.rpc.ErrorInfo", value=b"\xff\xff")
+    status.details.add().Pack(retry)
+    data: bytes = status.SerializeToString()
+    return data
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("code", "trailer", "error", "retry_after"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, b"\xff\xff\xff", InvalidArgument, 0.0),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            _unparsable_error_info_beside_a_retry_info(),
+            ResourceExhausted,
+            2.0,
+        ),
+    ],
+    ids=["not_protobuf", "bad_error_info"],
+)
+async def test_a_garbage_details_trailer_still_raises_the_typed_error(
+    code: grpc.StatusCode, trailer: bytes, error: type[Exception], retry_after: float
+) -> None:
+    gate = _BadTrailerGate(code, trailer)  # type: ignore[abstract]
+    async with serve(gate) as address, SystemClient(address, "key") as system:
+        with pytest.raises(error) as raised:
+            await system.publish(to="bob", body="hi")
+    assert isinstance(raised.value, ClientError)
+    assert (raised.value.code, raised.value.message) == (code, "body is empty")
+    assert raised.value.reason == code.name
+    assert raised.value.retry_after == retry_after
+
+
 @pytest.mark.unit
 async def test_system_client_gives_up_after_its_retry_timeout() -> None:
     started = time.monotonic()
@@ -589,18 +643,20 @@ def test_the_sdk_imports_only_grpc_protobuf_and_the_stubs() -> None:
     assert {m.split(".")[0] for m in loaded} - set(sys.stdlib_module_names) <= {
         "google",
         "grpc",
+        "grpc_status",
         "pigeon",
     }
     assert [m for m in loaded if m.startswith("pigeon.") and not m.startswith("pigeon.v1")] == [
         m for m in loaded if m.startswith("pigeon.client")
     ]
-    # google.api: the generated stubs import the HTTP annotations of the protos; no google.rpc.
+    # google.api: the generated stubs import the HTTP annotations of the protos. google.rpc
+    # (googleapis-common-protos, as google.api) and grpc_status read the error details.
     assert sorted(m for m in loaded if m.startswith("google.api")) == [
         "google.api",
         "google.api.annotations_pb2",
         "google.api.http_pb2",
     ]
-    assert not [m for m in loaded if m.startswith(("google.rpc", "jwt", "cryptography"))]
+    assert not [m for m in loaded if m.startswith(("jwt", "cryptography"))]
 
 
 # Against a real cluster: three nodes, a dispatcher, the Gate, etcd, SQLite.

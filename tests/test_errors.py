@@ -11,7 +11,9 @@ from google.rpc import (  # type: ignore[import-untyped, unused-ignore]
 )
 from grpc_status import rpc_status
 
+import pigeon.client.errors
 from pigeon.errors import (
+    DETAILS_METADATA_KEY,
     ERROR_DOMAIN,
     AlreadyExists,
     ConfigError,
@@ -48,6 +50,46 @@ ERRORS: dict[bytes, PigeonError] = {
 }
 
 
+def _status_bytes(code: grpc.StatusCode, message: str, *details: tuple[str, bytes]) -> bytes:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    for name, value in details:
+        status.details.add(type_url=f"type.googleapis.com/google.rpc.{name}", value=value)
+    data: bytes = status.SerializeToString()
+    return data
+
+
+_RETRY_2S = error_details_pb2.RetryInfo()
+_RETRY_2S.retry_delay.FromSeconds(2)
+
+# Trailers a broken or hostile peer may send, by request payload: (code, message, trailer).
+BAD_TRAILERS: dict[bytes, tuple[grpc.StatusCode, str, bytes]] = {
+    b"not_protobuf": (grpc.StatusCode.INVALID_ARGUMENT, "title is too long", b"\xff\xff\xff"),
+    b"truncated": (grpc.StatusCode.INVALID_ARGUMENT, "title is too long", b"\x1a\x05ab"),
+    b"empty": (grpc.StatusCode.INVALID_ARGUMENT, "title is too long", b""),
+    # A valid Status that disagrees with the call: its details describe some other error.
+    b"other_status": (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "title is too long",
+        _status_bytes(
+            grpc.StatusCode.NOT_FOUND,
+            "no such title",
+            ("ErrorInfo", error_details_pb2.ErrorInfo(reason="SPOOFED").SerializeToString()),
+        ),
+    ),
+    # A valid Status whose ErrorInfo does not parse: the RetryInfo beside it still counts.
+    b"bad_detail": (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "too many sends",
+        _status_bytes(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too many sends",
+            ("ErrorInfo", b"\xff\xff\xff"),
+            ("RetryInfo", _RETRY_2S.SerializeToString()),
+        ),
+    ),
+}
+
+
 def _unpack(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo | None, float | None]:
     info = retry = None
     for detail in status.details:
@@ -69,6 +111,9 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
         if request == b"plain":
             # A status without rich details, as gRPC itself or a proxy would send.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        if request in BAD_TRAILERS:
+            code, message, trailer = BAD_TRAILERS[request]
+            await context.abort(code, message, ((DETAILS_METADATA_KEY, trailer),))
         await abort(context, ERRORS[request])
 
     handler = grpc.method_handlers_generic_handler(
@@ -165,6 +210,49 @@ async def test_code_without_subclass_maps_to_base_error_keeping_the_code(channel
     assert type(err) is PigeonError
     assert err.code == grpc.StatusCode.UNIMPLEMENTED
     assert err.reason == "UNIMPLEMENTED"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("payload", list(BAD_TRAILERS))
+async def test_a_bad_details_trailer_still_gives_the_calls_code_and_message(channel, payload):
+    code, message, _ = BAD_TRAILERS[payload]
+    exc = await _call(channel, payload)
+
+    server_side = from_rpc_error(exc)
+    assert server_side.code == code
+    assert server_side.message == message
+    assert server_side.reason == code.name
+    assert server_side.metadata == {}
+    sdk = pigeon.client.errors.from_rpc_error(exc)
+    assert sdk.code == code
+    assert sdk.message == message
+    assert sdk.reason == code.name
+    assert sdk.metadata == {}
+    if payload == b"bad_detail":
+        assert type(server_side) is ResourceExhausted
+        assert server_side.retry_after == 2.0
+        assert type(sdk) is pigeon.client.errors.ResourceExhausted
+        assert sdk.retry_after == 2.0
+    else:
+        assert type(server_side) is InvalidArgument
+        assert type(sdk) is pigeon.client.errors.InvalidArgument
+
+
+@pytest.mark.integration
+async def test_the_status_read_keeps_every_detail_the_server_sent(channel):
+    got = pigeon.client.errors.received_status(await _call(channel, b"rate"))
+
+    assert got.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert got.message == "too many sends (retry after 1.5s)"
+    assert (got.reason, got.metadata, got.retry_after) == (
+        "RESOURCE_EXHAUSTED",
+        {"limit": "100"},
+        1.5,
+    )
+    assert got.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    info, retry = _unpack(got.status)
+    assert info is not None and info.domain == ERROR_DOMAIN
+    assert retry == pytest.approx(1.5)
 
 
 @pytest.mark.unit

@@ -2,18 +2,24 @@
 failure a caller handles differently.
 
 The services send their errors as a gRPC status with a ``google.rpc.Status`` in the
-``grpc-status-details-bin`` trailer (see ``pigeon.errors`` on the server side). The SDK reads the
-``ErrorInfo`` reason and metadata and the ``RetryInfo`` delay from it with a few lines of wire
-decoding instead of importing ``google.rpc``: the SDK depends on grpcio and protobuf only.
+``grpc-status-details-bin`` trailer (see ``pigeon.errors`` on the server side).
+:func:`received_status` reads it with grpcio-status, once for the SDK and for the services (which
+rebuild their own exceptions, and the REST gateway's JSON errors, from the same reading).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
+from google.protobuf import message as protobuf_message
+
+# googleapis-common-protos ships .pyi stubs but no py.typed marker; "unused-ignore" keeps this
+# line clean whether or not mypy is told to follow them.
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
+from grpc_status import rpc_status
 
 __all__ = [
     "ClientClosed",
@@ -21,15 +27,13 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "ReceivedStatus",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
+    "received_status",
 ]
-
-_DETAILS_KEY = "grpc-status-details-bin"
-_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
-_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
 
 
 class ClientError(Exception):
@@ -138,6 +142,65 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+@dataclass(frozen=True)
+class ReceivedStatus:
+    """What a failed call said: its status and the rich details the server sent with it.
+
+    Attributes:
+        code: The call's gRPC status code.
+        message: The call's status message; empty when it had none.
+        reason: ``ErrorInfo.reason``; empty when the server sent none.
+        metadata: ``ErrorInfo.metadata``; empty when the server sent none.
+        retry_after: ``RetryInfo.retry_delay`` in seconds; 0 when the server sent none.
+        status: The ``google.rpc.Status`` received, every detail included; one with the call's
+            code and message only when the trailer was missing, malformed or disagreed with them.
+    """
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    retry_after: float = 0.0
+    status: status_pb2.Status = field(default_factory=status_pb2.Status)
+
+
+def received_status(exc: grpc.RpcError) -> ReceivedStatus:
+    """Read the status a call failed with, and its ``ErrorInfo`` and ``RetryInfo`` if any.
+
+    Args:
+        exc: What a call raised, normally a ``grpc.aio.AioRpcError``.
+
+    Returns:
+        The reading; a trailer that is not a valid ``google.rpc.Status``, or whose code or message
+        disagrees with the call's, counts as no details (a peer's garbage must not hide the code
+        and message, which still say enough).
+    """
+    code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    message: str = (exc.details() if hasattr(exc, "details") else None) or ""
+    status: status_pb2.Status | None = None
+    if hasattr(exc, "trailing_metadata"):
+        # An AioRpcError has the sync Call's code(), details() and trailing_metadata(); the stubs
+        # do not say so. from_call raises ValueError when the trailer disagrees with the call.
+        with contextlib.suppress(ValueError, protobuf_message.DecodeError):
+            status = rpc_status.from_call(cast("grpc.Call", exc))
+    if status is None:
+        status = status_pb2.Status(code=code.value[0], message=message)
+    reason, retry_after = "", 0.0
+    metadata: dict[str, str] = {}
+    for detail in status.details:
+        # A detail that does not parse is skipped; the others still count.
+        with contextlib.suppress(protobuf_message.DecodeError):
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return ReceivedStatus(code, message, reason, metadata, retry_after, status)
+
+
 def from_rpc_error(exc: grpc.RpcError) -> ClientError:
     """The SDK error for a failed call, with the reason, metadata and retry delay the server sent.
 
@@ -147,88 +210,12 @@ def from_rpc_error(exc: grpc.RpcError) -> ClientError:
     Returns:
         The matching :class:`ClientError` subclass (the base class for codes without one).
     """
-    code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    message: str = (exc.details() if hasattr(exc, "details") else None) or code.name
-    reason, retry_after = "", 0.0
-    metadata: dict[str, str] = {}
-    # grpc-stubs types the trailer as opaque objects; at run time they are (key, value) pairs.
-    trailer = cast(
-        "Iterable[tuple[str, Any]]",
-        (exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None) or (),
+    got = received_status(exc)
+    cls = _BY_CODE.get(got.code, ClientError)
+    return cls(
+        got.message or got.code.name,
+        code=got.code,
+        reason=got.reason,
+        metadata=got.metadata,
+        retry_after=got.retry_after,
     )
-    for key, value in trailer:
-        if key == _DETAILS_KEY and isinstance(value, bytes):
-            # A malformed trailer: the code and message still say enough.
-            with contextlib.suppress(IndexError, ValueError, UnicodeDecodeError):
-                reason, metadata, retry_after = _decode_status(value)
-    cls = _BY_CODE.get(code, ClientError)
-    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after)
-
-
-# A minimal protobuf wire reader, enough for google.rpc.Status {details: repeated Any},
-# Any {type_url, value}, ErrorInfo {reason, domain, metadata map} and RetryInfo {Duration}.
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _fields(data: bytes) -> Iterable[tuple[int, int | bytes]]:
-    """(field number, value) pairs: ints for varints, bytes for length-delimited fields."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _varint(data, pos)
-            yield number, value
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            if pos + length > len(data):
-                raise ValueError("truncated field")
-            yield number, data[pos : pos + length]
-            pos += length
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-
-
-def _decode_status(data: bytes) -> tuple[str, dict[str, str], float]:
-    reason, retry_after = "", 0.0
-    metadata: dict[str, str] = {}
-    for number, detail in _fields(data):
-        if number != 3 or not isinstance(detail, bytes):
-            continue
-        parts = dict(_fields(detail))
-        type_url, value = parts.get(1, b""), parts.get(2, b"")
-        if not isinstance(type_url, bytes) or not isinstance(value, bytes):
-            continue
-        if type_url.decode() == _ERROR_INFO:
-            for field, item in _fields(value):
-                if field == 1 and isinstance(item, bytes):
-                    reason = item.decode()
-                elif field == 3 and isinstance(item, bytes):
-                    entry = dict(_fields(item))
-                    key, text = entry.get(1, b""), entry.get(2, b"")
-                    if isinstance(key, bytes) and isinstance(text, bytes):
-                        metadata[key.decode()] = text.decode()
-        elif type_url.decode() == _RETRY_INFO:
-            for field, item in _fields(value):
-                if field == 1 and isinstance(item, bytes):
-                    duration = dict(_fields(item))
-                    seconds, nanos = duration.get(1, 0), duration.get(2, 0)
-                    if isinstance(seconds, int) and isinstance(nanos, int):
-                        retry_after = seconds + nanos / 1e9
-    return reason, metadata, retry_after
