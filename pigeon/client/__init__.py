@@ -1,8 +1,9 @@
 """The Pigeon Python SDK: a user's live stream and inbox, and a system sender's publisher.
 
-It needs grpcio and protobuf and nothing else of Pigeon's server side. A user connects through
-the Gate with the JWT the site's backend signed, and gets every message stored for them, once
-and in order, across node crashes, drains and network failures:
+It needs grpcio, protobuf, googleapis-common-protos and grpcio-status, and nothing of Pigeon's
+server side. A user connects through the Gate with the JWT the site's backend signed, and gets
+every message stored for them, once and in order, across node crashes, drains and network
+failures:
 
 .. code-block:: python
 
