@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from prometheus_client import Counter, Gauge
 
 from pigeon.v1 import dispatcher_pb2
+from pigeon.wire import prefix_within
 
 __all__ = ["NodeLink", "Router"]
 
@@ -153,19 +154,14 @@ class NodeLink:
             return None
         # One message of at most MAX_REPLY_BYTES (gRPC refuses over 4 MB by default); the rest
         # goes in the next one.
-        size, cut = 0, len(self._queue)
-        for i, envelope in enumerate(self._queue):
-            size += envelope.ByteSize() + 8
-            if size > MAX_REPLY_BYTES and i:
-                cut = i
-                break
+        envelopes = prefix_within(self._queue, MAX_REPLY_BYTES)
         reply = dispatcher_pb2.DispatcherSubscribeResponse(
-            envelopes=self._queue[:cut],
+            envelopes=envelopes,
             applied_report_version=self.applied_version,
             published_seq=self.published_seq,
         )
         self._sent_published_seq = self.published_seq
-        del self._queue[:cut]
+        del self._queue[: len(envelopes)]
         self._ack_pending = False
         if self._shared_full or self._has_shared_news():
             self.shared_version += 1

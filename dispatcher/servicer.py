@@ -88,6 +88,8 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServicer):
     async def Publish(
         self, request: dispatcher_pb2.DispatcherPublishRequest, context: Context
     ) -> dispatcher_pb2.DispatcherPublishResponse:
+        # Nodes publish on their Subscribe streams; this call stays for tools and grpcurl users
+        # who hand envelopes to a dispatcher by hand.
         RECEIVED_IN_CALLS.inc(len(request.envelopes))
         self._router.route(request.envelopes)
         return dispatcher_pb2.DispatcherPublishResponse(accepted=len(request.envelopes))

@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge
 
@@ -28,6 +27,7 @@ from pigeon.errors import PigeonError, Unauthenticated, Unavailable, from_rpc_er
 from pigeon.ratelimit import RateLimiter
 from pigeon.server import current_principal
 from pigeon.v1 import gate_pb2, gate_pb2_grpc, node_pb2, node_pb2_grpc, types_pb2
+from pigeon.wire import duration
 
 __all__ = ["GateServicer", "track_view_size"]
 
@@ -155,10 +155,10 @@ class GateServicer(gate_pb2_grpc.GateServicer):
             heartbeat_interval=(
                 chosen.heartbeat_interval
                 if chosen.HasField("heartbeat_interval")
-                else _duration(self._heartbeat)
+                else duration(self._heartbeat)
             ),
             backoff=gate_pb2.Backoff(
-                initial=_duration(BACKOFF_INITIAL_S), max=_duration(BACKOFF_MAX_S), multiplier=2.0
+                initial=duration(BACKOFF_INITIAL_S), max=duration(BACKOFF_MAX_S), multiplier=2.0
             ),
             user_id=claims.user_id,
         )
@@ -260,9 +260,3 @@ def _first_recipient(request: gate_pb2.PublishRequest) -> str:
         if publication.to:
             return publication.to[0]
     return ""  # a broadcast: any node will do
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

@@ -7,9 +7,9 @@ import time
 from collections.abc import Mapping
 
 from node.store.base import Entry, Kind
-from pigeon.v1 import types_pb2
+from pigeon.v1 import dispatcher_pb2, types_pb2
 
-__all__ = ["new_message_id", "to_proto", "wire_message"]
+__all__ = ["new_message_id", "resync_envelope", "to_proto", "wire_message"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Two characters per 10 bits: half the Python steps of one character per 5.
@@ -74,3 +74,12 @@ def wire_message(
         fields[key] = value
     built.created_at.FromNanoseconds(created_at_ns)
     return built
+
+
+def resync_envelope(origin_node_id: str, recipient: str = "") -> dispatcher_pb2.Envelope:
+    """An envelope that carries no message and makes the recipient's streams on other nodes
+    (every stream, for no recipient) check the store: what the origin could not relay is there.
+    """
+    return dispatcher_pb2.Envelope(
+        recipient=recipient, broadcast=not recipient, resync=True, origin_node_id=origin_node_id
+    )

@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Collection, Iterator, Sequ
 from types import TracebackType
 from typing import Final, Protocol, TypeVar
 
-from google.protobuf.duration_pb2 import Duration
 from prometheus_client import Counter
 
 from node.commit import GroupCommit
-from node.convert import new_message_id, to_proto, wire_message
+from node.convert import new_message_id, resync_envelope, to_proto, wire_message
 from node.store.base import Entry, Kind, NewMessage, ReadFilter, Store, Stored, StoreError
 from node.streams import Pool, Stream
 from node.validate import (
@@ -32,6 +31,7 @@ from pigeon.errors import InvalidArgument, NotFound, ResourceExhausted, Unavaila
 from pigeon.runtime import cancel_and_wait
 from pigeon.sparselog import SparseLog
 from pigeon.v1 import dispatcher_pb2, node_pb2, types_pb2
+from pigeon.wire import duration
 
 __all__ = ["NoRelay", "NodeCore", "Relay"]
 
@@ -470,19 +470,13 @@ class NodeCore:
         the envelopes that ask other nodes to."""
         if new.kind == Kind.BROADCAST:
             self.resync()
-            return [
-                dispatcher_pb2.Envelope(broadcast=True, resync=True, origin_node_id=self.node_id)
-            ]
+            return [resync_envelope(self.node_id)]
         envelopes = []
         for recipient in new.recipients:
             for stream in self.pool.streams_of(recipient):
                 stream.resync()
             if self._needs_relay(recipient):
-                envelopes.append(
-                    dispatcher_pb2.Envelope(
-                        recipient=recipient, resync=True, origin_node_id=self.node_id
-                    )
-                )
+                envelopes.append(resync_envelope(self.node_id, recipient))
         return envelopes
 
     def _changed(self, user_id: str, unread: int) -> None:
@@ -681,7 +675,7 @@ class NodeCore:
             welcome=node_pb2.Welcome(
                 user_id=user_id,
                 node_id=self.node_id,
-                heartbeat_interval=_duration(self.heartbeat_interval),
+                heartbeat_interval=duration(self.heartbeat_interval),
             ),
             unread_count=unread,
             cursor=types_pb2.Cursor(seq=seq, broadcast_seq=broadcast_seq),
@@ -771,7 +765,7 @@ class NodeCore:
                 # At once for a new session or a fresh start; a draining node's clients wait a
                 # little, so they do not all reach the Gate together.
                 event.reconnect.retry_after.CopyFrom(
-                    _duration(0.5 if batch.reconnect == "draining" else 0.0)
+                    duration(0.5 if batch.reconnect == "draining" else 0.0)
                 )
                 yield event
                 return
@@ -969,9 +963,3 @@ def _wire(new: NewMessage, seq: int, recipient: str) -> types_pb2.Message:
         created_at_ns=new.created_at_ns,
         recipient=recipient,
     )
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value

@@ -1,9 +1,9 @@
 """The node's side of the dispatcher layer: one Subscribe stream to every dispatcher in etcd
 (routing reports out, envelopes in) and batched publishing to one of them, with failover.
 
-Publishing goes on the Subscribe stream of the chosen dispatcher when it takes envelopes there
-(numbered batches, acknowledged once routed; unacknowledged ones go to another dispatcher when
-the stream ends or stays silent too long), else in Publish calls."""
+Publishing goes on the Subscribe stream of the chosen dispatcher (numbered batches, acknowledged
+once routed; unacknowledged ones go to another dispatcher when the stream ends or stays silent
+too long)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 from prometheus_client import Counter
 
+from node.convert import resync_envelope
 from pigeon.runtime import cancel_and_wait
 from pigeon.service import ChannelCache
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
-
-if TYPE_CHECKING:
-    from pigeon.v1.dispatcher_pb2_grpc import DispatcherAsyncStub
+from pigeon.wire import prefix_within
 
 __all__ = ["DispatcherRelay", "RelayRefusedError"]
 
@@ -47,23 +45,14 @@ HINT_LIMIT = 100_000
 PUBLISH_BATCH = 1024
 # Batches a stream may carry before the first of them is acknowledged.
 PUBLISH_WINDOW = 4
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-    }
-)
 # A dispatcher's answers that say this node is not let in (a cluster secret not theirs): the
 # stream is tried again only slowly, and a node every dispatcher refuses does not start. Others,
 # even INTERNAL (a stream reset while it opened, say), may pass.
 REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 # gRPC refuses messages over 4 MB by default; stay well under it.
 MAX_REQUEST_BYTES = 1 << 20
-# Seconds before another round when no dispatcher took a batch; after refusals (not only
-# failures) the pause doubles each round, up to the most.
+# Seconds the publisher waits for a stream that takes envelopes before it looks again (a
+# dispatcher may have left the view meanwhile, or refused this node).
 RETRY_PAUSE = 0.1
 # Passes through the event loop's queue after which an overdue acknowledgement counts as
 # missing: from a batch queued to the stream to its acknowledgement read takes about five
@@ -97,24 +86,6 @@ def _parts(users: list[str], max_bytes: int) -> list[list[str]]:
         parts[-1].append(user)
         size += length
     return parts
-
-
-def _prefix_within(
-    envelopes: list[dispatcher_pb2.Envelope], count: int, max_bytes: int
-) -> list[dispatcher_pb2.Envelope]:
-    """The longest prefix of at most count envelopes and max_bytes (at least one envelope)."""
-    size = 0
-    for i, envelope in enumerate(envelopes[:count]):
-        size += envelope.ByteSize() + 8
-        if size > max_bytes and i:
-            return envelopes[:i]
-    return envelopes[:count]
-
-
-def _stopping() -> bool:
-    """Whether the running task is being cancelled (a call's own CancelledError is not that)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
 
 
 async def _acked(link: _Link, left: int) -> None:
@@ -332,11 +303,9 @@ class DispatcherRelay:
         self._check_interval = check_interval
         self._ready_timeout = ready_timeout
         self._resync = resync
-        self._in_flight = 0
         # Dispatchers whose last publish failed: tried last.
         self._failed: set[str] = set()
         self._channels = ChannelCache(channel)
-        self._stubs: dict[str, tuple[grpc.aio.Channel, DispatcherAsyncStub]] = {}
         self._weights: dict[str, bytes] = {}
         self._links: dict[str, _Link] = {}
         self._outbox: list[dispatcher_pb2.Envelope] = []
@@ -376,11 +345,10 @@ class DispatcherRelay:
         self._outbox.extend(envelopes)
         if len(self._outbox) > OUTBOX_LIMIT:
             # Dispatchers unreachable for long: keep memory bounded (the messages are stored;
-            # their recipients get a resync hint when a dispatcher is back). The batch being
-            # sent stays.
+            # their recipients get a resync hint when a dispatcher is back).
             excess = len(self._outbox) - OUTBOX_LIMIT
-            self._dropped(self._outbox[self._in_flight : self._in_flight + excess])
-            del self._outbox[self._in_flight : self._in_flight + excess]
+            self._dropped(self._outbox[:excess])
+            del self._outbox[:excess]
         self._outbox_ready.set()
 
     def _dropped(self, envelopes: Sequence[dispatcher_pb2.Envelope]) -> None:
@@ -402,13 +370,8 @@ class DispatcherRelay:
     def _take_hints(self) -> list[dispatcher_pb2.Envelope]:
         hints, self._hints = self._hints, {}
         if hints is None:
-            return [
-                dispatcher_pb2.Envelope(broadcast=True, resync=True, origin_node_id=self._node_id)
-            ]
-        return [
-            dispatcher_pb2.Envelope(recipient=user, resync=True, origin_node_id=self._node_id)
-            for user in hints
-        ]
+            return [resync_envelope(self._node_id)]
+        return [resync_envelope(self._node_id, user) for user in hints]
 
     def user_added(self, user_id: str) -> None:
         for link in self._links.values():
@@ -679,98 +642,50 @@ class DispatcherRelay:
             self._weights[dispatcher_id] = weight
         return weight
 
-    def _publish_stub(self, address: str) -> DispatcherAsyncStub:
-        """One stub per channel: a stub builds a callable per method when made."""
-        channel = self._channels.get(address)
-        known = self._stubs.get(address)
-        if known is None or known[0] is not channel:
-            known = (channel, dispatcher_pb2_grpc.DispatcherStub(channel))
-            self._stubs[address] = known
-        return known[1]
-
     async def _publish_loop(self) -> None:
         failed = self._failed
         current: _Link | None = None
-        backoff = RETRY_PAUSE
         while True:
             await self._outbox_ready.wait()
-            if self._hints != {} and self._dispatchers():
-                # Ahead of newer envelopes; nothing is in flight at the top of the loop.
-                self._outbox[:0] = self._take_hints()
-            if not self._outbox:
+            if not self._outbox and self._hints == {}:
                 self._outbox_ready.clear()
                 continue
             order = self._publish_order()
             # Those that failed lately go last, not out: one of them may be the only one left.
             order.sort(key=lambda info: info.dispatcher_id in failed)
             link = self._stream_for(order)
-            if link is not None:
-                if current is not None and current is not link and current.unacked:
-                    # Moving to another stream: the last one's batches land first, so each
-                    # recipient's messages keep their order.
-                    await _acked(current, 0)
+            if link is None:
+                current = None
+                self._outbox_ready.clear()
+                if order and len(self.refusals()) < len(order):
+                    # A stream is opening (its first reply wakes this loop) or reopening; look
+                    # again soon all the same, as the view may change meanwhile.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(RETRY_PAUSE):
+                            await self._outbox_ready.wait()
+                    self._outbox_ready.set()
                     continue
-                if len(link.unacked) >= PUBLISH_WINDOW:
-                    await _acked(link, PUBLISH_WINDOW - 1)
-                    continue
-                batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
-                del self._outbox[: len(batch)]
-                link.publish(batch, self._publish_timeout)
-                current = link
+                # No dispatcher, or each refuses this node: waiting cannot help, and dropping
+                # keeps memory bounded (the messages are stored; their recipients get a resync
+                # hint once a dispatcher takes envelopes).
+                self._dropped(self._outbox)
+                self._outbox.clear()
                 continue
-            current = None
-            batch = _prefix_within(self._outbox, PUBLISH_BATCH, MAX_REQUEST_BYTES)
-            self._in_flight = len(batch)
-            request = dispatcher_pb2.DispatcherPublishRequest(envelopes=batch)
-            published = refused = False
-            for info in order:
-                stub = self._publish_stub(info.address)
-                try:
-                    await stub.Publish(
-                        request, metadata=self._metadata, timeout=self._publish_timeout
-                    )
-                except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
-                    # A CancelledError that is not this task's: the supervisor closed the
-                    # channel under the call, as its dispatcher left the view.
-                    if isinstance(exc, asyncio.CancelledError) and _stopping():
-                        raise
-                    rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else None
-                    PUBLISH_FAILURES.labels(info.dispatcher_id).inc()
-                    if info.dispatcher_id not in failed:
-                        # Once per spell of failures: a refusing dispatcher is retried for as
-                        # long as it refuses.
-                        log.warning(
-                            "publish to dispatcher %s failed (%s); trying the next",
-                            info.dispatcher_id,
-                            rpc.code().name if rpc else "it left",
-                        )
-                    failed.add(info.dispatcher_id)
-                    refused = refused or (rpc is not None and rpc.code() not in RETRYABLE)
-                    continue
-                if info.dispatcher_id in failed:
-                    failed.discard(info.dispatcher_id)
-                    log.info("publish to dispatcher %s works again", info.dispatcher_id)
-                del self._outbox[: len(batch)]
-                self._in_flight = 0
-                PUBLISHED.inc(len(batch))
-                published = True
-                break
-            if published:
-                backoff = RETRY_PAUSE
-            elif refused:
-                # Refused, not only failed (a wrong cluster secret, say): retrying cannot help,
-                # and dropping keeps later envelopes moving (the messages are stored, and streams
-                # resync). The next round's resync hints would be refused too: wait longer each
-                # time.
-                self._drop_in_flight(len(batch))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, REFUSED_PAUSE_MAX)
-            else:
-                self._in_flight = 0
-                if not order:
-                    self._drop_in_flight(len(self._outbox))
-                # Out of reach (restarting, say): back soon, so little waits in the outbox.
-                await asyncio.sleep(RETRY_PAUSE)
+            if self._hints != {}:
+                # Ahead of newer envelopes.
+                self._outbox[:0] = self._take_hints()
+            if current is not None and current is not link and current.unacked:
+                # Moving to another stream: the last one's batches land first, so each
+                # recipient's messages keep their order.
+                await _acked(current, 0)
+                continue
+            if len(link.unacked) >= PUBLISH_WINDOW:
+                await _acked(link, PUBLISH_WINDOW - 1)
+                continue
+            batch = prefix_within(self._outbox, MAX_REQUEST_BYTES, PUBLISH_BATCH)
+            del self._outbox[: len(batch)]
+            link.publish(batch, self._publish_timeout)
+            current = link
 
     def _stream_for(self, order: list[types_pb2.DispatcherInfo]) -> _Link | None:
         """The first dispatcher in order whose stream takes envelopes, if any."""
@@ -784,10 +699,5 @@ class DispatcherRelay:
         """Put back, ahead of newer ones, envelopes a stream ended without acknowledging (a
         dispatcher may have routed some: receiving nodes drop what they already delivered)."""
         if envelopes:
-            self._outbox[self._in_flight : self._in_flight] = envelopes
+            self._outbox[:0] = envelopes
             self._outbox_ready.set()
-
-    def _drop_in_flight(self, count: int) -> None:
-        self._dropped(self._outbox[:count])
-        del self._outbox[:count]
-        self._in_flight = 0

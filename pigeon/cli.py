@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import fcntl
-import hashlib
-import hmac
 import json
 import os
 import shlex
@@ -258,31 +255,15 @@ def _user_token(args: argparse.Namespace) -> str:
                 f"--as {args.as_user} needs the cluster's JWT secret: set PIGEON_JWT_SECRET, or "
                 f"run it where `pigeon up` keeps its data ({args.data_dir}/secrets.json)"
             )
-        return _mint_hs256(secret, args.as_user, ttl=3600)
+        from pigeon.auth import mint_user_token
+
+        return mint_user_token(secret, args.as_user, ttl=3600)
     if os.environ.get("PIGEON_TOKEN"):
         return os.environ["PIGEON_TOKEN"]
     raise UsageError(
         "who are you? pass --as USER (mints a token on a `pigeon up` machine), "
         "--token JWT, or set PIGEON_TOKEN"
     )
-
-
-def _mint_hs256(secret: str, user: str, ttl: float) -> str:
-    """An HS256 user JWT, as `pigeon token` makes with pigeon.auth.mint_user_token.
-
-    Written out here because importing PyJWT and cryptography costs half a second of start-up
-    on every `--as` command; an HS256 token is three base64url parts and one HMAC.
-    """
-
-    def part(data: bytes) -> str:
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    now = int(time.time())
-    header = part(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    claims = {"sub": user, "iat": now, "exp": now + int(ttl)}
-    payload = part(json.dumps(claims, separators=(",", ":")).encode())
-    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256)
-    return f"{header}.{payload}.{part(signature.digest())}"
 
 
 def _api_key(args: argparse.Namespace) -> str:

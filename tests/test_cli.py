@@ -24,7 +24,7 @@ from typing import IO
 import pytest
 
 from pigeon.auth import mint_user_token
-from pigeon.cli import _mint_hs256, main
+from pigeon.cli import main
 from pigeon.client import UserClient
 from pigeon.etcd_server import free_port
 
@@ -370,14 +370,6 @@ def test_broadcasts_reach_everyone_and_replay_from_a_seq(up: Up) -> None:
     [broadcast] = [m for m in messages if m["type"] == "message"]
     assert broadcast["id"] == message_id and broadcast["stream"] == "broadcast"
     assert broadcast["sender"] == "system" and broadcast["recipient"] == ""
-
-
-def test_as_user_tokens_are_ones_the_gate_accepts() -> None:
-    from pigeon.auth import UserTokenVerifier
-
-    secret = "a-secret-of-at-least-thirty-two-bytes"
-    claims = UserTokenVerifier(secret=secret).verify(_mint_hs256(secret, "ivan", ttl=60))
-    assert claims.user_id == "ivan" and claims.expires_at is not None
 
 
 def test_listen_stops_on_ctrl_c_while_it_is_still_connecting(up: Up) -> None:

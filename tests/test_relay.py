@@ -163,20 +163,6 @@ class _SilentRouter(_LosingRouter):
     link_type = _Silent
 
 
-class _Old(NodeLink):
-    """A dispatcher from before publishing on the stream: it never says it takes envelopes."""
-
-    async def take(self) -> dispatcher_pb2.DispatcherSubscribeResponse | None:
-        reply = await super().take()
-        if reply is not None:
-            reply.publish_on_stream = False
-        return reply
-
-
-class _OldRouter(Router):
-    link_type = _Old
-
-
 @asynccontextmanager
 async def _serving(
     routers: dict[str, Router],
@@ -360,20 +346,6 @@ async def test_after_a_dispatcher_stops_envelopes_go_to_the_other() -> None:
                 lambda: {"y0", "y1", "y2"} <= set(b.got), 5, "the envelopes after the stop"
             )
             assert b.got[:3] == ["x0", "x1", "x2"]
-
-
-async def test_a_dispatcher_that_does_not_take_envelopes_on_the_stream_gets_publish_calls() -> None:
-    async with _serving({"d1": _OldRouter()}) as (_, view):
-        a, b = Node("a", view), Node("b", view)
-        b.add("ria")
-        async with a.relay, b.relay:
-            await _two_nodes_connected(a, b)
-            by_stream, by_call = _received("stream"), _received("call")
-            a.relay.relay(_envelopes("o", 4, "ria"))
-            await wait_until(lambda: len(b.got) >= 4, 5, "the envelopes")
-            assert b.got == ["o0", "o1", "o2", "o3"]
-            assert _received("call") - by_call == 4
-            assert _received("stream") == by_stream
 
 
 async def _two_cores(
@@ -592,52 +564,6 @@ async def test_a_count_relayed_with_a_broadcast_of_the_same_write_is_taken_once(
         assert counts[-1] == await b.store.unread_count("ria") == 2
 
 
-class _Hanging(DispatcherServicer):
-    """A dispatcher from before publishing on the stream whose Publish calls never end."""
-
-    called: asyncio.Event
-
-    async def Publish(
-        self, request: dispatcher_pb2.DispatcherPublishRequest, context: Any
-    ) -> dispatcher_pb2.DispatcherPublishResponse:
-        self.called.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-
-async def test_a_dispatcher_that_leaves_during_a_publish_call_does_not_stop_the_relaying() -> None:
-    hung = grpc.aio.server()
-    hanging = _Hanging(_OldRouter())
-    hanging.called = asyncio.Event()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(hanging, hung)
-    port = hung.add_insecure_port("127.0.0.1:0")
-    await hung.start()
-    try:
-        async with _serving({"d2": Router()}) as (_, view):
-            a_view = {
-                "d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=f"127.0.0.1:{port}")
-            }
-            a, b = Node("a", a_view, publish_timeout=30), Node("b", view)
-            b.add("ria")
-            async with a.relay, b.relay:
-                assert await a.relay.wait_connected(5)
-                assert await b.relay.wait_connected(5)
-                await b.relay.routes_ready()
-                failures = _failures("d1")
-                a.relay.relay(_envelopes("h", 3, "ria"))
-                async with asyncio.timeout(5):
-                    await hanging.called.wait()  # the Publish call to d1 hangs
-                # d1's lease ends (it leaves a's view) and d2 appears: the call in flight is
-                # given up when d1's channel closes, and the envelopes go to d2.
-                del a_view["d1"]
-                a_view.update(view)
-                await wait_until(lambda: len(b.got) >= 3, 5, "the envelopes to reach b via d2")
-                assert b.got == ["h0", "h1", "h2"]
-                assert _failures("d1") - failures == 1
-    finally:
-        await hung.stop(None)
-
-
 async def test_a_dispatcher_that_leaves_leaves_no_task_behind() -> None:
     async with _serving({"d1": Router(), "d2": Router()}) as (servers, view):
         a_view = {"d1": view["d1"]}
@@ -721,13 +647,10 @@ class _Refusing(dispatcher_pb2_grpc.DispatcherServicer):
     """A dispatcher that refuses this node (another cluster secret, say)."""
 
     def __init__(self) -> None:
-        self.publishes = 0
+        self.subscribes = 0
 
     async def Subscribe(self, request_iterator: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster secret")
-
-    async def Publish(self, request: Any, context: Any) -> Any:
-        self.publishes += 1
+        self.subscribes += 1
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid cluster secret")
 
 
@@ -743,12 +666,11 @@ async def test_a_dispatcher_that_refuses_the_node_is_retried_with_backoff_not_in
         node = Node("a", view)
         async with node.relay:
             node.relay.relay(_envelopes("r", 3, "ria"))
-            # Refused batches turn into resync hints for the next round, which are refused too:
-            # rounds must come further and further apart, not back to back.
+            # A refused stream is tried again further and further apart, not back to back.
             await asyncio.sleep(2)
     finally:
         await server.stop(None)
-    assert 1 <= refusing.publishes <= 10
+    assert 1 <= refusing.subscribes <= 10
     # The three messages count as dropped; the hints that followed them carry none.
     assert REGISTRY.get_sample_value("pigeon_node_envelopes_dropped_total") == dropped + 3
 
@@ -771,42 +693,6 @@ async def test_a_node_with_more_user_ids_than_one_message_holds_subscribes(
         await wait_until(lambda: a.got == ["p0", "p1"], 10, "the envelopes")
         # And the parts' users count as held by a alone once the dispatcher has them all.
         assert a.relay.elsewhere(f"{35_999:0128d}") is False
-
-
-class _Unavailable(DispatcherServicer):
-    """A dispatcher whose Publish calls fail as unavailable (restarting, overloaded) for a while."""
-
-    failing = True
-
-    async def Publish(self, request: Any, context: Any) -> Any:
-        if self.failing:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-        return await super().Publish(request, context)
-
-
-async def test_a_dispatcher_back_from_failing_gets_the_waiting_envelopes_at_once() -> None:
-    servicer = _Unavailable(_OldRouter())
-    server = grpc.aio.server()
-    dispatcher_pb2_grpc.add_DispatcherServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    view = {"d1": types_pb2.DispatcherInfo(dispatcher_id="d1", address=f"127.0.0.1:{port}")}
-    try:
-        a, b = Node("a", view), Node("b", view)
-        b.add("ria")
-        async with a.relay, b.relay:
-            await _two_nodes_connected(a, b)
-            a.relay.relay(_envelopes("u", 2, "ria"))
-            # Long enough for a back-off that grew with every failed round to pass 3 s.
-            await asyncio.sleep(4)
-            assert b.got == []
-            servicer.failing = False
-            back = asyncio.get_running_loop().time()
-            await wait_until(lambda: b.got == ["u0", "u1"], 10, "the envelopes")
-            # Failures that are not refusals are retried at the pace of a restart, not slower.
-            assert asyncio.get_running_loop().time() - back < 1.5
-    finally:
-        await server.stop(None)
 
 
 async def test_a_stream_of_a_user_among_many_new_ones_waits_for_the_report_carrying_it() -> None:
