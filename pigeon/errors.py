@@ -33,10 +33,8 @@ from pigeon.client.errors import received_status
 __all__ = [
     "DETAILS_METADATA_KEY",
     "ERROR_DOMAIN",
-    "AlreadyExists",
     "ConfigError",
     "DeadlineExceeded",
-    "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -125,20 +123,6 @@ class NotFound(PigeonError):
 
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
-
-
-class AlreadyExists(PigeonError):
-    """The object to create exists already (e.g. a duplicate message id)."""
-
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(PigeonError):
-    """The system is not in a state that allows the call (e.g. the node is draining)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(PigeonError):
@@ -235,8 +219,6 @@ _BY_CODE: dict[grpc.StatusCode, type[PigeonError]] = {
         Unauthenticated,
         PermissionDenied,
         NotFound,
-        AlreadyExists,
-        FailedPrecondition,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
