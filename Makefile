@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := tools/node_modules/.bin/buf
 JS_CLIENT := clients/js/node_modules/.installed
 CHROMIUM := /usr/bin/chromium
-PY_SOURCES := pigeon gate node dispatcher tests scripts bench
+PY_SOURCES := pigeon gate node dispatcher tests scripts bench clients/python/pigeon/client
 
 .PHONY: help setup run test check gen docs lint-protos clean bench bench-quick soak
 
@@ -14,17 +14,19 @@ help:
 	@echo "make run     start a local cluster (etcd, dispatcher, gate, two nodes) on SQLite"
 	@echo "make test    run the checks and the whole test suite"
 	@echo "make check   ruff format, ruff check, mypy --strict, buf lint, stub drift"
-	@echo "make gen     regenerate pigeon/v1 from protos/"
+	@echo "make gen     regenerate clients/python/pigeon/v1 from protos/"
 	@echo "make docs    regenerate the configuration reference in README.md"
 	@echo "make bench        Pigeon beside a bare grpc.aio relay (~10 min): table, bench/results/"
 	@echo "make bench-quick  every benchmark scenario scaled down (~1 min)"
 	@echo "make soak         5,000 clients, 1,000 msgs/s for 10 min: delivered == acknowledged?"
 
 # The virtual environment and the pinned dependencies, re-made when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The client distribution (clients/python) goes in beside the server's, which needs it: `pigeon`
+# is a namespace package of both.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 $(BUF): tools/package.json tools/package-lock.json
@@ -59,7 +61,7 @@ lint-protos: $(BUF)
 check: $(STAMP) lint-protos
 	$(BIN)/ruff format --check $(PY_SOURCES)
 	$(BIN)/ruff check $(PY_SOURCES)
-	$(BIN)/mypy pigeon gate node dispatcher bench
+	$(BIN)/mypy pigeon gate node dispatcher bench clients/python/pigeon/client
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/python scripts/gen_docs.py --check
 

@@ -8,7 +8,6 @@ import sys
 
 from dispatcher.routing import Router
 from dispatcher.servicer import DispatcherServicer
-from pigeon import __version__
 from pigeon.auth import ClusterSecret
 from pigeon.config import DispatcherConfig
 from pigeon.membership import (
@@ -21,6 +20,7 @@ from pigeon.membership import (
 from pigeon.server import Principal, Service
 from pigeon.service import listen, run_service, wait_for_stop
 from pigeon.v1 import dispatcher_pb2, dispatcher_pb2_grpc, types_pb2
+from pigeon.version import __version__
 
 __all__ = ["main", "serve"]
 

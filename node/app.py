@@ -16,7 +16,6 @@ from node.relay import DispatcherRelay, RelayRefusedError
 from node.servicer import NodeServicer
 from node.store.base import Store, StoreError
 from node.validate import Limits
-from pigeon import __version__
 from pigeon.auth import ApiKeys, ClusterSecret, SessionTokens
 from pigeon.config import NodeConfig
 from pigeon.errors import ConfigError, PigeonError
@@ -32,6 +31,7 @@ from pigeon.rest import RestGateway
 from pigeon.server import Authenticator, Principal, Service
 from pigeon.service import channel_factory, listen, run_service, wait_for_stop
 from pigeon.v1 import node_pb2, node_pb2_grpc, types_pb2
+from pigeon.version import __version__
 
 __all__ = ["main", "serve"]
 

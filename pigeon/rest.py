@@ -60,7 +60,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
-from pigeon import __version__
 from pigeon.auth import bearer_token
 from pigeon.client.errors import received_status
 from pigeon.errors import (
@@ -87,6 +86,7 @@ from pigeon.openapi import (
 )
 from pigeon.ratelimit import LargeRequests
 from pigeon.server import MAX_REQUEST_BYTES, PUBLIC, Authenticator, authenticator_for
+from pigeon.version import __version__
 
 __all__ = [
     "BODY_TIMEOUT",

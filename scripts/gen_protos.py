@@ -1,4 +1,4 @@
-"""Generate the Python stubs in pigeon/v1/ from protos/pigeon/v1/ (`make gen`).
+"""Generate the Python stubs in clients/python/pigeon/v1/ from protos/pigeon/v1/ (`make gen`).
 
 With --check, generate into a temporary folder and fail if the committed stubs differ, so a proto
 change without `make gen` cannot land.
@@ -19,7 +19,7 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
-OUT = ROOT / "pigeon" / "v1"
+OUT = ROOT / "clients" / "python" / "pigeon" / "v1"
 # Hand-written files that live beside the generated ones.
 BIN = Path(sys.executable).parent
 KEEP = {"__init__.py", "py.typed"}

@@ -55,6 +55,10 @@ from pigeon.client.types import (
 )
 from pigeon.client.user import TokenSource, UserClient
 
+# The client distribution's version (clients/python/pyproject.toml); see CHANGELOG.md for which
+# servers it talks to.
+__version__ = "0.1.0"
+
 __all__ = [
     "Backoff",
     "ClientClosed",

@@ -1,3 +1,0 @@
-"""Pigeon shared runtime."""
-
-__version__ = "0.1.0"
